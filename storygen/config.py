@@ -1,0 +1,182 @@
+"""Settings, loaded once at start-up from the environment and `.env`.
+
+Real environment variables win over `.env`, which wins over the defaults here.
+A bad value fails at start-up with the key and the value in the message. Every
+key is documented, one line each, in `.env.example`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dotenv import dotenv_values
+
+from storygen.errors import ConfigError, StorygenError
+from storygen.sampling import SamplingLimits, SamplingParams, validate
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("auto", "genre_tags", "instruct", "plain")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class Secret:
+    """A token or password: usable with `str()`, masked in `repr()` and logs."""
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def __str__(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')" if self._value else "Secret('')"
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+class Env:
+    """Typed reads of settings, environment over `.env` over defaults."""
+
+    def __init__(self, environ: Mapping[str, str] | None = None, env_file: str | Path | None = ".env") -> None:
+        file_values: dict[str, str | None] = {}
+        if env_file is not None and Path(env_file).is_file():
+            file_values = dict(dotenv_values(env_file))
+        live = os.environ if environ is None else environ
+        self._values = {k: v for k, v in file_values.items() if v is not None} | dict(live)
+
+    def raw(self, key: str) -> str | None:
+        value = self._values.get(key)
+        return None if value is None or value.strip() == "" else value.strip()
+
+    def str(self, key: str, default: str) -> str:
+        return self.raw(key) or default
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.str(key, default).lower()
+        if value not in choices and not (key == "STORYGEN_DEVICE" and value.startswith("cuda:")):
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(choices)}")
+        return value
+
+    def int(self, key: str, default: int, minimum: int | None = None, maximum: int | None = None) -> int:
+        raw = self.raw(key)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{key}={raw!r} is not an integer") from None
+        self._check_bounds(key, raw, value, minimum, maximum)
+        return value
+
+    def float(self, key: str, default: float, minimum: float | None = None, maximum: float | None = None) -> float:
+        raw = self.raw(key)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{key}={raw!r} is not a number") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={raw!r} is not a finite number")
+        self._check_bounds(key, raw, value, minimum, maximum)
+        return value
+
+    def bool(self, key: str, default: bool) -> bool:
+        raw = self.raw(key)
+        if raw is None:
+            return default
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}={raw!r} is not a boolean; use true or false")
+
+    def secret(self, key: str) -> Secret:
+        return Secret(self.raw(key) or "")
+
+    def path(self, key: str, default: Path) -> Path:
+        return Path(self.str(key, str(default))).expanduser()
+
+    @staticmethod
+    def _check_bounds(key: str, raw: str, value: float, minimum: float | None, maximum: float | None) -> None:
+        if minimum is not None and value < minimum or maximum is not None and value > maximum:
+            low = "" if minimum is None else f"at least {minimum:g}"
+            high = "" if maximum is None else f"at most {maximum:g}"
+            raise ConfigError(f"{key}={raw!r} is out of range; it must be {' and '.join(p for p in (low, high) if p)}")
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "storygen"
+
+
+@dataclass(frozen=True)
+class StorygenConfig:
+    """Everything the model side needs; one frozen object for the life of the process."""
+
+    model: str = "default"
+    model_format: str = "auto"
+    device: str = "auto"
+    dtype: str = "auto"
+    cache_dir: Path = field(default_factory=_default_cache_dir)
+    default_genre: str = "auto"
+    defaults: SamplingParams = SamplingParams()
+    limits: SamplingLimits = SamplingLimits()
+    max_prompt_chars: int = 600
+    max_batch: int = 0  # 0: pick for the device (see worker)
+    max_queue: int = 64
+    max_per_user: int = 2
+    deadline_s: float = 600.0
+    settings_db: Path = Path("storygen.sqlite3")
+
+    @classmethod
+    def from_env(cls, env: Env | None = None) -> StorygenConfig:
+        env = env or Env()
+        limits = SamplingLimits(
+            max_length=env.int("STORYGEN_MAX_LENGTH", 400, 1, 4096),
+            max_temperature=env.float("STORYGEN_MAX_TEMPERATURE", 2.0, 0, 5),
+            max_top_k=env.int("STORYGEN_MAX_TOP_K", 200, 0, 100_000),
+            max_repetition_penalty=env.float("STORYGEN_MAX_REPETITION_PENALTY", 2.0, 1, 10),
+        )
+        defaults = SamplingParams(
+            length=env.int("STORYGEN_LENGTH", 200),
+            temperature=env.float("STORYGEN_TEMPERATURE", 0.8),
+            top_p=env.float("STORYGEN_TOP_P", 0.95),
+            top_k=env.int("STORYGEN_TOP_K", 50),
+            repetition_penalty=env.float("STORYGEN_REPETITION_PENALTY", 1.1),
+        )
+        try:
+            validate(defaults, limits)
+        except StorygenError as error:
+            key = "STORYGEN_" + str(getattr(error, "name", "")).upper()
+            raise ConfigError(f"{key}: {error} (raise the STORYGEN_MAX_* cap or lower the default)") from None
+        return cls(
+            model=env.str("STORYGEN_MODEL", "default"),
+            model_format=env.choice("STORYGEN_FORMAT", "auto", FORMATS),
+            device=env.choice("STORYGEN_DEVICE", "auto", DEVICES),
+            dtype=env.choice("STORYGEN_DTYPE", "auto", DTYPES),
+            cache_dir=env.path("STORYGEN_CACHE_DIR", _default_cache_dir()),
+            default_genre=env.str("STORYGEN_DEFAULT_GENRE", "auto"),
+            defaults=defaults,
+            limits=limits,
+            max_prompt_chars=env.int("STORYGEN_MAX_PROMPT_CHARS", 600, 1, 20_000),
+            max_batch=env.int("STORYGEN_MAX_BATCH", 0, 0, 1024),
+            max_queue=env.int("STORYGEN_MAX_QUEUE", 64, 1, 100_000),
+            max_per_user=env.int("STORYGEN_MAX_PER_USER", 2, 1, 1000),
+            deadline_s=env.float("STORYGEN_DEADLINE_S", 600.0, 1, 86_400),
+            settings_db=env.path("STORYGEN_SETTINGS_DB", Path("storygen.sqlite3")),
+        )

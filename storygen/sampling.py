@@ -1,0 +1,189 @@
+"""Sampling settings, their allowed ranges, and the batched next-token sampler.
+
+The knobs are the seeds' knobs (length, temperature, top_p, top_k,
+repetition_penalty) plus greedy decoding and a seed. Every row of a batch keeps
+its own values: `sample_next` applies them all at once, as tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from storygen.errors import SettingRangeError, UnknownSettingError
+
+logger = logging.getLogger(__name__)
+
+SEED_MAX = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one story is sampled. Ranges are checked by `validate`."""
+
+    length: int = 200  # new tokens to generate at most; 1..limits.max_length
+    temperature: float = 0.8  # logits / T; 0 means greedy; 0..limits.max_temperature
+    top_p: float = 0.95  # keep the smallest set of tokens whose probability reaches p; (0, 1]
+    top_k: int = 50  # keep the k likeliest tokens; 0 turns it off; 0..limits.max_top_k
+    repetition_penalty: float = 1.1  # CTRL-style penalty on tokens already seen; 1 is off; 1..limits.max_repetition_penalty
+    greedy: bool = False  # always take the likeliest token (ignores temperature, top_p, top_k)
+    seed: int | None = None  # same seed, same settings, same prompt: same story; 0..2**32-1
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0
+
+
+@dataclass(frozen=True)
+class SamplingLimits:
+    """The operator's caps; every request, default and per-user setting is checked against them."""
+
+    max_length: int = 400
+    max_temperature: float = 2.0
+    max_top_k: int = 200
+    max_repetition_penalty: float = 2.0
+
+
+# The names a user may set, in the order they are shown.
+USER_SETTINGS = ("length", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
+
+
+def allowed_range(name: str, limits: SamplingLimits) -> str:
+    """The allowed range of one setting, as a user reads it."""
+    return {
+        "length": f"1 to {limits.max_length} tokens",
+        "temperature": f"0 to {limits.max_temperature:g} (0 means greedy)",
+        "top_p": "greater than 0, up to 1",
+        "top_k": f"0 to {limits.max_top_k} (0 turns it off)",
+        "repetition_penalty": f"1 to {limits.max_repetition_penalty:g} (1 turns it off)",
+        "seed": f"0 to {SEED_MAX}",
+        "greedy": "true or false",
+    }[name]
+
+
+def _in_range(name: str, value: float, limits: SamplingLimits) -> bool:
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    checks = {
+        "length": lambda v: 1 <= v <= limits.max_length,
+        "temperature": lambda v: 0 <= v <= limits.max_temperature,
+        "top_p": lambda v: 0 < v <= 1,
+        "top_k": lambda v: 0 <= v <= limits.max_top_k,
+        "repetition_penalty": lambda v: 1 <= v <= limits.max_repetition_penalty,
+        "seed": lambda v: 0 <= v <= SEED_MAX,
+    }
+    return checks[name](value)
+
+
+def validate(params: SamplingParams, limits: SamplingLimits) -> SamplingParams:
+    """Return `params` unchanged, or raise naming the first setting out of range. Never clamps."""
+    for name in USER_SETTINGS:
+        value = getattr(params, name)
+        if value is None:
+            continue
+        if not _in_range(name, value, limits):
+            raise SettingRangeError(name, value, allowed_range(name, limits))
+    return params
+
+
+def parse_setting(name: str, raw: str) -> int | float | bool:
+    """Turn a user's `name=value` text into a typed value, without range checks."""
+    kinds = {f.name: f.type for f in fields(SamplingParams)}
+    if name not in kinds:
+        raise UnknownSettingError(name, USER_SETTINGS)
+    text = raw.strip()
+    try:
+        if name == "greedy":
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if name in ("length", "top_k", "seed"):
+            return int(text)
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(text)
+        return value
+    except ValueError:
+        kind = "a whole number" if name in ("length", "top_k", "seed") else "a number"
+        raise SettingRangeError(name, raw, f"{kind}, {allowed_range(name, SamplingLimits())}") from None
+
+
+def with_overrides(params: SamplingParams, **overrides: object) -> SamplingParams:
+    """`params` with the non-None overrides applied."""
+    return replace(params, **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclass
+class RowKnobs:
+    """Per-row sampling settings of a batch, as (B,) tensors for `sample_next`."""
+
+    temperature: torch.Tensor  # (B,) float; 1.0 for greedy rows, which skip sampling
+    top_k: torch.Tensor  # (B,) long; vocab size where top_k is off
+    top_p: torch.Tensor  # (B,) float
+    penalty: torch.Tensor  # (B,) float
+    greedy: torch.Tensor  # (B,) bool
+
+    @classmethod
+    def from_params(cls, params: list[SamplingParams], vocab: int, device: torch.device) -> RowKnobs:
+        def col(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        return cls(
+            temperature=col([1.0 if p.is_greedy else p.temperature for p in params], torch.float32),
+            top_k=col([p.top_k if p.top_k > 0 else vocab for p in params], torch.long),
+            top_p=col([p.top_p for p in params], torch.float32),
+            penalty=col([p.repetition_penalty for p in params], torch.float32),
+            greedy=col([p.is_greedy for p in params], torch.bool),
+        )
+
+
+def sample_next(
+    logits: torch.Tensor,
+    knobs: RowKnobs,
+    seen: torch.Tensor | None,
+    generators: list[torch.Generator],
+) -> torch.Tensor:
+    """Pick one next token per row, each row with its own settings and random stream.
+
+    logits: (B, vocab) for the last position; seen: (B, vocab) bool, tokens already in
+    each row (prompt included, as `generate` does), or None when no row penalises.
+    Returns (B,) token ids. The order of the steps is the order `generate` uses.
+    """
+    logits = logits.float()  # (B, V); sampling in fp32 even when the model runs in half precision
+    B, V = logits.shape
+    # 1. Repetition penalty (CTRL): seen tokens' logits shrink towards "less likely" by the row's factor.
+    if seen is not None:
+        penalty = knobs.penalty[:, None]  # (B, 1)
+        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(seen, penalised, logits)
+    # 2. Greedy rows are done: the likeliest token.
+    greedy_ids = logits.argmax(dim=-1)  # (B,)
+    if bool(knobs.greedy.all()):
+        return greedy_ids
+    # 3. Temperature: flatten (T > 1) or sharpen (T < 1) each row's distribution.
+    logits = logits / knobs.temperature[:, None]
+    # 4. Top-k: work on the K likeliest candidates only, K the largest k in the batch; a row
+    #    with a smaller k masks the tail of its candidates. Sorting the whole vocab happens
+    #    only when some row turned top-k off.
+    K = int(knobs.top_k.max())
+    cand_logits, cand_ids = torch.topk(logits, K, dim=-1) if K < V else torch.sort(logits, dim=-1, descending=True)
+    rank = torch.arange(cand_logits.shape[-1], device=logits.device)[None, :]  # (1, K)
+    cand_logits = cand_logits.masked_fill(rank >= knobs.top_k[:, None], float("-inf"))  # (B, K)
+    # 5. Top-p (nucleus): keep candidates until their cumulative probability reaches p; the first always stays.
+    probs = torch.softmax(cand_logits, dim=-1)  # (B, K), sorted descending
+    before = torch.cumsum(probs, dim=-1) - probs  # probability mass strictly before each candidate
+    probs = probs.masked_fill(before >= knobs.top_p[:, None], 0.0)
+    # 6. Sample each row from its own generator, so a seed gives the same story in any batch.
+    picks = torch.empty(B, dtype=torch.long, device=logits.device)
+    for row, is_greedy in enumerate(knobs.greedy.tolist()):
+        if is_greedy:
+            picks[row] = greedy_ids[row]
+        else:
+            choice = torch.multinomial(probs[row], 1, generator=generators[row])
+            picks[row] = cand_ids[row, choice[0]]
+    return picks

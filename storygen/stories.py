@@ -1,0 +1,152 @@
+"""Requests and results: from what a user asked for to a finished story.
+
+`prepare` checks and resolves a request (opening, genre, settings) into token ids;
+`TextStream` turns generated tokens into text as they arrive; `finish` makes the
+final story with a clean ending. `generate_story` runs one request start to end
+on an engine, for the CLI and tests; the worker does the same for many at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from storygen.config import StorygenConfig
+from storygen.endings import finish_story
+from storygen.engine import Engine, Sequence
+from storygen.errors import EmptyPromptError
+from storygen.genres import Genre, detect_genre, find_genre, is_auto, resolve_genre
+from storygen.model import LoadedModel
+from storygen.prompts import build_prompt, encode_user_text, to_opening
+from storygen.sampling import SamplingParams, validate
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StoryRequest:
+    """One story asked for. Platform-neutral: the worker never sees a chat object."""
+
+    request_id: str
+    user_key: str  # "discord:<guild>:<user>", "slack:<team>:<user>", "api:<key>", "cli"
+    genre: str  # a genre name or alias as typed, or "auto"
+    prompt: str  # the opening, as typed
+    params: SamplingParams = SamplingParams()
+    deadline: float | None = None  # time.monotonic() by which it must finish; None: the worker's default
+
+
+@dataclass(frozen=True)
+class PreparedStory:
+    request: StoryRequest
+    genre: Genre
+    opening: str  # cleaned, perhaps trimmed; the story starts with exactly this
+    prompt_ids: list[int]
+    opening_tokens: int  # the last `opening_tokens` of prompt_ids encode the opening
+    notices: tuple[str, ...] = ()  # soft limits applied and guesses made, to tell the user
+
+
+@dataclass(frozen=True)
+class Story:
+    request_id: str
+    user_key: str
+    genre: str
+    text: str
+    finish_reason: str  # "stop": the model ended it; "length": it ran out of tokens
+    new_tokens: int
+    seed: int
+    notices: tuple[str, ...] = ()
+    timings: dict[str, float] = field(default_factory=dict)  # ttft_s, total_s, queued_s
+
+
+def pick_genre(text: str, opening: str, lm: LoadedModel, config: StorygenConfig) -> tuple[Genre, str | None]:
+    """The genre to write in, and a notice when it was detected rather than named."""
+    allowed = lm.spec.allowed_genres()
+    if not is_auto(text):
+        genre = resolve_genre(text)
+        lm.spec.check_genre(genre)
+        return genre, None
+    fallback = find_genre(config.default_genre) if not is_auto(config.default_genre) else None
+    if fallback not in allowed:
+        fallback = allowed[0]
+    detection = detect_genre(opening, allowed, fallback)
+    return detection.genre, f"genre auto → {detection.explanation}"
+
+
+def prepare(request: StoryRequest, lm: LoadedModel, config: StorygenConfig) -> PreparedStory:
+    """Check a request and turn it into prompt ids; raises a StorygenError a user can read."""
+    opening, trimmed = to_opening(request.prompt, config.max_prompt_chars)
+    if not opening:
+        raise EmptyPromptError()
+    validate(request.params, config.limits)
+    genre, detected = pick_genre(request.genre, opening, lm, config)
+    notices = []
+    if trimmed:
+        notices.append(f"⚠️ prompt trimmed to {config.max_prompt_chars} characters")
+    if detected:
+        notices.append(detected)
+    prompt_ids = build_prompt(lm.spec, lm.tokenizer, genre, opening)
+    opening_tokens = len(encode_user_text(lm.tokenizer, _opening_as_encoded(lm, opening)))
+    return PreparedStory(request, genre, opening, prompt_ids, opening_tokens, tuple(notices))
+
+
+def _opening_as_encoded(lm: LoadedModel, opening: str) -> str:
+    # genre_tags glues the opening to its tag with a space, which then belongs to the opening's first token.
+    return " " + opening if lm.spec.format == "genre_tags" else opening
+
+
+class TextStream:
+    """Generated tokens in, new text out, never splitting a multi-byte character."""
+
+    def __init__(self, lm: LoadedModel, prepared: PreparedStory) -> None:
+        self._tokenizer = lm.tokenizer
+        self._head = prepared.prompt_ids[len(prepared.prompt_ids) - prepared.opening_tokens:]
+        self._head_text = self._decode([])
+        self._ids: list[int] = []
+        self.text = ""  # the continuation so far, as emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        # Decoding the opening's tokens with the continuation keeps word-joining spaces right
+        # for tokenizers (SentencePiece) that drop a leading space when decoding alone.
+        return self._tokenizer.decode(self._head + ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        full = self._decode(self._ids)
+        if full.endswith("\ufffd") or not full.startswith(self._head_text):
+            return ""  # half a character so far; wait for the rest
+        text = full[len(self._head_text):]
+        delta = text[len(self.text):] if text.startswith(self.text) else ""
+        self.text = text
+        return delta
+
+    def final_text(self) -> str:
+        full = self._decode(self._ids)
+        return full[len(self._head_text):] if full.startswith(self._head_text) else self.text
+
+
+def finish(lm: LoadedModel, prepared: PreparedStory, seq: Sequence, stream: TextStream,
+           timings: dict[str, float] | None = None) -> Story:
+    """The finished story, with a clean ending; raises EmptyStoryError if nothing usable came."""
+    text = finish_story(prepared.opening, stream.final_text(), seq.finish_reason == "stop", lm.controls)
+    request = prepared.request
+    return Story(request.request_id, request.user_key, prepared.genre.name, text, seq.finish_reason or "aborted",
+                 len(seq.generated), seq.seed, prepared.notices, timings or {})
+
+
+def generate_story(engine: Engine, prepared: PreparedStory) -> Story:
+    """Run one prepared request to the end on an otherwise idle engine."""
+    started = time.perf_counter()
+    seq = Sequence(prepared.request.request_id, prepared.prompt_ids, prepared.request.params)
+    stream = TextStream(engine.lm, prepared)
+    outputs = [engine.start(seq)]
+    first = time.perf_counter()
+    while True:
+        for out in outputs:
+            if out.token_id is not None:
+                stream.push(out.token_id)
+        if seq.done:
+            break
+        outputs = engine.step()
+    timings = {"ttft_s": first - started, "total_s": time.perf_counter() - started}
+    return finish(engine.lm, prepared, seq, stream, timings)
