@@ -76,7 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    args = build_parser(config).parse_args(argv)
+    try:
+        args = build_parser(config).parse_args(argv)
+    except SystemExit as stop:  # --help, or a flag argparse could not parse (already printed)
+        return int(stop.code or 0)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.list_genres:
         print(_list_genres())

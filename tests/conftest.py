@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+# Nothing in the test run may reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from storygen.config import StorygenConfig  # noqa: E402
+from storygen.model import LoadedModel, load_model  # noqa: E402
+from tests.tiny import save_tiny_model  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DEV_PLOTS = SHARED_DATA / "genre_plots_dev.txt"
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        "genre_tags": save_tiny_model(root / "genre_tags", "genre_tags", "gpt2"),
+        "instruct": save_tiny_model(root / "instruct", "instruct", "llama"),
+        "plain": save_tiny_model(root / "plain", "plain", "llama"),
+    }
+
+
+def tiny_config(directory: Path, fmt: str, tmp: Path, **changes: object) -> StorygenConfig:
+    return replace(StorygenConfig(), model=str(directory), model_format=fmt, device="cpu",
+                   cache_dir=tmp / "cache", settings_db=tmp / "settings.sqlite3", **changes)
+
+
+@pytest.fixture(scope="session")
+def tiny_lms(tiny_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, LoadedModel]:
+    tmp = tmp_path_factory.mktemp("cfg")
+    # genre_tags comes from storygen.json (format auto); the others are named, as an operator would.
+    return {
+        "genre_tags": load_model(tiny_config(tiny_dirs["genre_tags"], "auto", tmp)),
+        "instruct": load_model(tiny_config(tiny_dirs["instruct"], "instruct", tmp)),
+        "plain": load_model(tiny_config(tiny_dirs["plain"], "auto", tmp)),
+    }
+
+
+@pytest.fixture(params=["genre_tags", "instruct", "plain"])
+def fmt(request: pytest.FixtureRequest) -> str:
+    return request.param

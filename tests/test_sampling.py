@@ -1,0 +1,88 @@
+import pytest
+import torch
+
+from storygen.errors import SettingRangeError, UnknownSettingError
+from storygen.sampling import RowKnobs, SamplingLimits, SamplingParams, parse_setting, sample_next, validate
+
+LIMITS = SamplingLimits()
+
+
+@pytest.mark.parametrize("change, allowed", [
+    ({"length": 0}, "1 to 400 tokens"), ({"length": 401}, "1 to 400 tokens"),
+    ({"temperature": -0.1}, "0 to 2"), ({"temperature": 2.5}, "0 to 2"),
+    ({"temperature": float("nan")}, "0 to 2"), ({"top_p": 0.0}, "greater than 0, up to 1"),
+    ({"top_p": 1.5}, "greater than 0"), ({"top_k": -1}, "0 to 200"), ({"top_k": 201}, "0 to 200"),
+    ({"repetition_penalty": 0.5}, "1 to 2"), ({"seed": -1}, "0 to 4294967295"),
+])
+def test_out_of_range_names_the_range(change, allowed):
+    params = SamplingParams(**change)
+    with pytest.raises(SettingRangeError) as caught:
+        validate(params, LIMITS)
+    assert allowed in str(caught.value) and next(iter(change)) in str(caught.value)
+
+
+def test_in_range_is_unchanged():
+    params = SamplingParams(length=400, temperature=0, top_p=1, top_k=0, repetition_penalty=1, seed=0)
+    assert validate(params, LIMITS) is params
+
+
+def test_operator_caps_apply():
+    with pytest.raises(SettingRangeError, match="1 to 100 tokens"):
+        validate(SamplingParams(length=101), SamplingLimits(max_length=100))
+
+
+@pytest.mark.parametrize("name, raw, value", [
+    ("length", "150", 150), ("temperature", "1.1", 1.1), ("greedy", "yes", True), ("top_k", " 5 ", 5)])
+def test_parse_setting(name, raw, value):
+    assert parse_setting(name, raw) == value
+
+
+@pytest.mark.parametrize("name, raw", [("length", "long"), ("temperature", "inf"), ("length", "1.5")])
+def test_parse_setting_rejects(name, raw):
+    with pytest.raises(SettingRangeError, match="allowed"):
+        parse_setting(name, raw)
+
+
+def test_unknown_setting_lists_settings():
+    with pytest.raises(UnknownSettingError, match="settings are: length, temperature"):
+        parse_setting("volume", "11")
+
+
+def _knobs(*params):
+    return RowKnobs.from_params(list(params), 50, torch.device("cpu"))
+
+
+def _gens(n, seed=0):
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    logits = torch.randn(3, 50)
+    knobs = _knobs(SamplingParams(top_k=1, repetition_penalty=1), SamplingParams(top_p=1e-6, repetition_penalty=1),
+                   SamplingParams(greedy=True))
+    assert torch.equal(sample_next(logits, knobs, None, _gens(3)), logits.argmax(-1))
+
+
+def test_rows_keep_their_own_settings_and_streams():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 50).repeat(2, 1)
+    knobs = _knobs(SamplingParams(top_k=0, top_p=1.0, temperature=1.5), SamplingParams(greedy=True))
+    draws = {int(sample_next(logits, knobs, None, _gens(2, s))[0]) for s in range(40)}
+    assert len(draws) > 5  # the sampling row varies with the seed
+    again = [sample_next(logits, knobs, None, _gens(2, 7)).tolist() for _ in range(2)]
+    assert again[0] == again[1] and again[0][1] == int(logits[1].argmax())
+
+
+def test_top_k_limits_the_candidates():
+    logits = torch.arange(50, dtype=torch.float32)[None, :]  # token 49 likeliest
+    knobs = _knobs(SamplingParams(top_k=3, top_p=1.0, temperature=2.0))
+    assert {int(sample_next(logits, knobs, None, _gens(1, s))[0]) for s in range(60)} <= {47, 48, 49}
+
+
+def test_repetition_penalty_discourages_seen_tokens():
+    logits = torch.zeros(1, 50)
+    logits[0, 3], logits[0, 4] = 2.0, 1.9
+    seen = torch.zeros(1, 50, dtype=torch.bool)
+    seen[0, 3] = True
+    knobs = _knobs(SamplingParams(greedy=True, repetition_penalty=1.5))
+    assert int(sample_next(logits, knobs, seen, _gens(1))[0]) == 4
