@@ -1,0 +1,118 @@
+"""The fair queue: one FIFO per user, served round-robin, with both caps.
+
+A user who sends twenty stories gets one admitted per turn like everyone else, so a
+newcomer waits at most one turn of the rotation, not behind the whole flood.
+Not thread-safe: the worker holds its lock around every call.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from storygen.errors import QueueFullError, TooManyRequestsError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass
+class _Entry(Generic[T]):
+    key: str
+    user: str
+    item: T
+
+
+class FairQueue(Generic[T]):
+    """Per-user FIFOs in a rotation. `running` counts a user's admitted items for the per-user cap."""
+
+    def __init__(self, max_queued: int, max_per_user: int) -> None:
+        self.max_queued = max_queued
+        self.max_per_user = max_per_user
+        self._queues: OrderedDict[str, deque[_Entry[T]]] = OrderedDict()  # rotation order: next user first
+        self._running: dict[str, int] = {}
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def in_progress(self, user: str) -> int:
+        return len(self._queues.get(user, ())) + self._running.get(user, 0)
+
+    def check(self, user: str, retry_after: Callable[[], float]) -> None:
+        """Raise if `user` may not add one more item now."""
+        if self.in_progress(user) >= self.max_per_user:
+            raise TooManyRequestsError(self.max_per_user)
+        if self._size >= self.max_queued:
+            raise QueueFullError(retry_after())
+
+    def push(self, key: str, user: str, item: T, retry_after: Callable[[], float] = lambda: 30.0) -> None:
+        self.check(user, retry_after)
+        self._queues.setdefault(user, deque()).append(_Entry(key, user, item))
+        self._size += 1
+
+    def push_front(self, key: str, user: str, item: T) -> None:
+        """Put a preempted item back at the head of its user's queue (no caps: it was admitted once)."""
+        self._queues.setdefault(user, deque()).appendleft(_Entry(key, user, item))
+        self._queues.move_to_end(user, last=False)
+        self._running[user] = max(0, self._running.get(user, 0) - 1)
+        self._size += 1
+
+    def pop(self) -> tuple[str, T] | None:
+        """The next item in round-robin order; its user moves to the back of the rotation."""
+        for user in list(self._queues):
+            queue = self._queues[user]
+            entry = queue.popleft()
+            self._size -= 1
+            if queue:
+                self._queues.move_to_end(user)
+            else:
+                del self._queues[user]
+            self._running[user] = self._running.get(user, 0) + 1
+            return entry.key, entry.item
+        return None
+
+    def remove(self, key: str) -> T | None:
+        """Take a queued item out (cancelled or expired); None if it is not queued."""
+        for user, queue in self._queues.items():
+            for entry in queue:
+                if entry.key == key:
+                    queue.remove(entry)
+                    self._size -= 1
+                    if not queue:
+                        del self._queues[user]
+                    return entry.item
+        return None
+
+    def finished(self, user: str) -> None:
+        """An admitted item of `user` is done; frees one of their places."""
+        left = self._running.get(user, 0) - 1
+        if left > 0:
+            self._running[user] = left
+        else:
+            self._running.pop(user, None)
+
+    def position(self, key: str) -> int | None:
+        """How many items will be admitted before this one (0: next), or None if not queued."""
+        order = list(self._queues)
+        for rank, user in enumerate(order):
+            for depth, entry in enumerate(self._queues[user]):
+                if entry.key != key:
+                    continue
+                # Each earlier full rotation admits one item per user with items left;
+                # in the last partial rotation, the users ahead of this one go first.
+                ahead = depth
+                for other_rank, other in enumerate(order):
+                    if other != user:
+                        ahead += min(len(self._queues[other]), depth + (1 if other_rank < rank else 0))
+                return ahead
+        return None
+
+    def items(self) -> Iterator[tuple[str, T]]:
+        for queue in self._queues.values():
+            for entry in queue:
+                yield entry.key, entry.item

@@ -1,0 +1,378 @@
+"""The shared inference worker: a fair queue in front of one batched engine.
+
+    handle = await worker.submit(request)
+    async for chunk in handle: ...      # text as it is written
+    story = await handle                # the finished Story, or a StorygenError
+    handle.cancel(); handle.position; handle.eta_s
+
+One engine thread owns the model, like vLLM's engine loop: each turn it applies
+cancellations and deadlines, admits queued requests into free slots (round-robin
+across users), steps the batch once, and fans the new text out to each request's
+handle on the asyncio side, which never blocks on the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import torch
+
+from storygen.config import StorygenConfig
+from storygen.engine import Engine, Sequence, SequenceError, StepOutput
+from storygen.errors import (DeadlineExceededError, GenerationFailedError, RequestCancelledError, StorygenError,
+                             WorkerUnavailableError, failure_reference)
+from storygen.metrics import Metrics
+from storygen.model import LoadedModel
+from storygen.scheduler import FairQueue
+from storygen.stories import PreparedStory, Story, StoryRequest, TextStream, finish, prepare
+
+logger = logging.getLogger(__name__)
+
+CPU_MAX_BATCH = 16  # past this a 2-core CPU gains little throughput and every story slows down
+GPU_MAX_BATCH = 64
+
+
+class StoryHandle:
+    """The caller's side of one request: stream it, await it, cancel it, ask where it is."""
+
+    def __init__(self, worker: Worker, prepared: PreparedStory, loop: asyncio.AbstractEventLoop) -> None:
+        self._worker = worker
+        self.request_id = prepared.request.request_id
+        self.user_key = prepared.request.user_key
+        self.genre = prepared.genre.name
+        self.notices = prepared.notices
+        self._loop = loop
+        self._chunks: asyncio.Queue[str | None] = asyncio.Queue()
+        self._result: asyncio.Future[Story] = loop.create_future()
+        self.state = "queued"  # queued, running, done, failed, cancelled
+
+    @property
+    def position(self) -> int | None:
+        """Stories that will start before this one (0: next); None once it is running."""
+        return self._worker.position(self.request_id)
+
+    @property
+    def eta_s(self) -> float | None:
+        """Rough seconds until it starts; None once it is running."""
+        position = self.position
+        return None if position is None else self._worker.eta_for(position)
+
+    def cancel(self) -> bool:
+        """Stop it: a queued request never reaches the model, a running one frees its slot next step."""
+        return self._worker.cancel(self.request_id)
+
+    def done(self) -> bool:
+        return self._result.done()
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        while (chunk := await self._chunks.get()) is not None:
+            yield chunk
+
+    def __await__(self):
+        return asyncio.shield(self._result).__await__()
+
+    # Called on the event loop by the engine thread (through call_soon_threadsafe).
+    def _chunk(self, text: str) -> None:
+        self.state = "running"
+        self._chunks.put_nowait(text)
+
+    def _resolve(self, story: Story | None, error: BaseException | None, state: str) -> None:
+        if self._result.done():
+            return
+        self.state = state
+        if error is not None:
+            self._result.set_exception(error)
+            self._result.exception()  # mark retrieved: a caller that only streamed is not warned
+        else:
+            self._result.set_result(story)
+        self._chunks.put_nowait(None)
+
+
+@dataclass
+class _Job:
+    prepared: PreparedStory
+    handle: StoryHandle
+    seq: Sequence
+    stream: TextStream
+    submitted: float
+    deadline: float
+    first_token: float | None = None
+    finished: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Worker:
+    """Many users, one model. Start it inside a running event loop."""
+
+    def __init__(self, lm: LoadedModel, config: StorygenConfig, metrics: Metrics | None = None) -> None:
+        self.lm = lm
+        self.config = config
+        self.metrics = metrics or Metrics()
+        default_batch = GPU_MAX_BATCH if lm.device.type == "cuda" else CPU_MAX_BATCH
+        self.engine = Engine(lm, config.max_batch or default_batch)
+        self._queue: FairQueue[_Job] = FairQueue(config.max_queue, config.max_per_user)
+        self._jobs: dict[str, _Job] = {}
+        self._aborts: dict[str, StorygenError] = {}  # running request id -> why it must stop
+        self._cond = threading.Condition()
+        self._tokenizer_lock = threading.Lock()  # the Rust tokenizer is shared by submit() and the engine thread
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._state = "stopped"
+        self._service_s = max(1.0, config.defaults.length * 0.05)  # EMA of one story's time in the batch
+        self._last_step = 0.0
+        self._faults = {"oom_events": 0, "step_failures": 0, "request_failures": 0}
+        self._last_error: str | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._state = "running"
+        self._last_step = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="storygen-engine", daemon=True)
+        self._thread.start()
+        logger.info("worker started: %s slots, queue %s, %s per user",
+                    self.engine.max_batch, self.config.max_queue, self.config.max_per_user)
+
+    async def stop(self) -> None:
+        """Stop the engine thread; whatever is queued or running fails with a clear error."""
+        with self._cond:
+            if self._state != "running":
+                return
+            self._state = "stopping"
+            self._cond.notify_all()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        with self._cond:
+            for key, job in list(self._jobs.items()):
+                admitted = self._queue.remove(key) is None
+                self._settle(job, None, WorkerUnavailableError("shutting down"), "failed", admitted=admitted)
+            self._state = "stopped"
+
+    async def __aenter__(self) -> Worker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # --- the asyncio side --------------------------------------------------------------------
+
+    async def submit(self, request: StoryRequest) -> StoryHandle:
+        """Check and queue a request; raises QueueFullError or TooManyRequestsError at once when it can't."""
+        if self._state != "running":
+            raise WorkerUnavailableError("starting up" if self._state == "stopped" else "shutting down")
+        with self._tokenizer_lock:
+            prepared = prepare(request, self.lm, self.config)
+        handle = StoryHandle(self, prepared, asyncio.get_running_loop())
+        now = time.monotonic()
+        job = _Job(prepared, handle, Sequence(request.request_id, prepared.prompt_ids, request.params),
+                   TextStream(self.lm, prepared), now, request.deadline or now + self.config.deadline_s)
+        with self._cond:
+            if request.request_id in self._jobs:
+                raise ValueError(f"request id {request.request_id} is already in use")
+            try:
+                self._queue.push(request.request_id, request.user_key, job, lambda: self.eta_for(len(self._queue)))
+            except StorygenError:
+                self.metrics.outcome("rejected")
+                raise
+            self._jobs[request.request_id] = job
+            self.metrics.queue_depth = len(self._queue)
+            self._cond.notify()
+        logger.info("request %s from %s queued (%s, %s tokens)", request.request_id, request.user_key,
+                    prepared.genre.name, len(prepared.prompt_ids))
+        return handle
+
+    def cancel(self, request_id: str) -> bool:
+        with self._cond:
+            job = self._jobs.get(request_id)
+            if job is None or job.finished:
+                return False
+            if self._queue.remove(request_id) is not None:
+                self._settle(job, None, RequestCancelledError(), "cancelled", admitted=False)
+                self.metrics.queue_depth = len(self._queue)
+            else:
+                self._aborts[request_id] = RequestCancelledError()
+                self._cond.notify()
+        logger.info("request %s cancelled", request_id)
+        return True
+
+    def position(self, request_id: str) -> int | None:
+        with self._cond:
+            return self._queue.position(request_id)
+
+    def eta_for(self, position: int) -> float:
+        """Seconds until the request at `position` starts: slots free at about max_batch per service time."""
+        return (position + 1) * self._service_s / max(1, self.engine.max_batch)
+
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def health(self) -> dict:
+        with self._cond:
+            stalled = self._state == "running" and self.engine.rows and time.monotonic() - self._last_step > 60
+            return {
+                "state": "stalled" if stalled else self._state,
+                "queued": len(self._queue), "running": len(self.engine.rows), "max_batch": self.engine.max_batch,
+                "last_error": self._last_error, **self._faults,
+            }
+
+    # --- the engine thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._state == "running" and not len(self._queue) and not self.engine.rows:
+                    self._cond.wait()
+                if self._state != "running":
+                    return
+                self._expire_and_abort(time.monotonic())
+                admitted = self._admit()
+            for job in admitted:
+                self._start(job)
+            if self.engine.rows:
+                self._step()
+
+    def _expire_and_abort(self, now: float) -> None:
+        """Holding the lock: drop queued requests past their deadline, stop running ones that must stop."""
+        for key, job in list(self._queue.items()):
+            if now > job.deadline:
+                self._queue.remove(key)
+                self._settle(job, None, DeadlineExceededError(job.deadline - job.submitted), "failed",
+                             admitted=False, outcome="expired")
+        for seq in list(self.engine.rows):
+            job = self._jobs[seq.seq_id]
+            reason = self._aborts.pop(seq.seq_id, None)
+            if reason is None and now > job.deadline:
+                reason = DeadlineExceededError(job.deadline - job.submitted)
+            if reason is not None:
+                self.engine.abort(seq.seq_id)
+                state = "cancelled" if isinstance(reason, RequestCancelledError) else "failed"
+                self._settle(job, None, reason, state,
+                             outcome="cancelled" if state == "cancelled" else "expired")
+        self.metrics.queue_depth = len(self._queue)
+
+    def _admit(self) -> list[_Job]:
+        admitted = []
+        while self.engine.free_slots > len(admitted) and (popped := self._queue.pop()) is not None:
+            admitted.append(popped[1])
+        self.metrics.queue_depth = len(self._queue)
+        return admitted
+
+    def _start(self, job: _Job) -> None:
+        try:
+            output = self.engine.start(job.seq)
+        except SequenceError as error:
+            if isinstance(error.error, torch.OutOfMemoryError) and self.engine.rows:
+                # No room for one more: keep the cap at what fits and let it wait for a free slot.
+                self._faults["oom_events"] += 1
+                self.engine.max_batch = len(self.engine.rows)
+                with self._cond:
+                    self._queue.push_front(job.seq.seq_id, job.prepared.request.user_key, job)
+                return
+            self._fail(job, error.error)
+            return
+        self._deliver([output])
+
+    def _step(self) -> None:
+        # 1. One decode step for the whole batch.
+        try:
+            outputs = self.engine.step()
+        except torch.OutOfMemoryError:
+            self._shrink_after_oom()
+            return
+        except Exception as error:  # fails the rows of this batch only; the worker goes on
+            self._faults["step_failures"] += 1
+            for seq in self.engine.abort_all():
+                self._fail(self._jobs[seq.seq_id], error)
+            return
+        # 2. Book-keeping for ETAs and health.
+        self._last_step = time.monotonic()
+        self.metrics.running = len(self.engine.rows)
+        # 3. Fan the new text out to each request's handle.
+        self._deliver(outputs)
+
+    def _deliver(self, outputs: list[StepOutput]) -> None:
+        now = time.monotonic()
+        tokens = 0
+        for out in outputs:
+            job = self._jobs[out.seq_id]
+            if out.token_id is not None:
+                tokens += 1
+                if job.first_token is None:
+                    job.first_token = now
+                    self.metrics.observe_ttft(now - job.submitted)
+                with self._tokenizer_lock:
+                    delta = job.stream.push(out.token_id)
+                if delta:
+                    self._loop.call_soon_threadsafe(job.handle._chunk, delta)
+            if out.finish_reason is not None:
+                self._complete(job, now)
+        self.metrics.tokens(tokens)
+
+    def _complete(self, job: _Job, now: float) -> None:
+        job.timings = {"queued_s": (job.first_token or now) - job.submitted, "total_s": now - job.submitted,
+                       "ttft_s": (job.first_token or now) - job.submitted}
+        service = now - (job.first_token or now)
+        self._service_s = 0.8 * self._service_s + 0.2 * max(service, 0.01)
+        self.metrics.observe_latency(now - job.submitted)
+        try:
+            with self._tokenizer_lock:
+                story = finish(self.lm, job.prepared, job.seq, job.stream, job.timings)
+        except StorygenError as error:
+            with self._cond:
+                self._settle(job, None, error, "failed")
+            return
+        with self._cond:
+            self._settle(job, story, None, "done")
+
+    def _fail(self, job: _Job, error: BaseException) -> None:
+        ref = failure_reference()
+        request = job.prepared.request
+        logger.error("request %s from %s failed (ref %s)", request.request_id, request.user_key, ref,
+                     exc_info=error)
+        self._faults["request_failures"] += 1
+        self._last_error = f"{type(error).__name__} (ref {ref})"
+        with self._cond:
+            self._settle(job, None, GenerationFailedError(ref), "failed")
+
+    def _shrink_after_oom(self) -> None:
+        """Halve the running cap, put the newest rows back at the head of their queues, and retry."""
+        self._faults["oom_events"] += 1
+        rows = self.engine.rows
+        new_cap = max(1, len(rows) // 2)
+        if len(rows) == 1:  # even one story does not fit: fail it rather than loop
+            self._fail(self._jobs[rows[0].seq_id], torch.OutOfMemoryError("out of memory with a single story"))
+            self.engine.abort_all()
+            return
+        logger.warning("out of memory with %s rows; running cap lowered to %s", len(rows), new_cap)
+        self.engine.max_batch = new_cap
+        with self._cond:
+            for seq in list(reversed(rows[new_cap:])):
+                self.engine.abort(seq.seq_id)
+                seq.finish_reason = None  # it resumes from its tokens so far when re-admitted
+                self._queue.push_front(seq.seq_id, self._jobs[seq.seq_id].prepared.request.user_key,
+                                       self._jobs[seq.seq_id])
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _settle(self, job: _Job, story: Story | None, error: BaseException | None, state: str,
+                admitted: bool = True, outcome: str | None = None) -> None:
+        """Holding the lock: finish a job once, free its user's place, resolve its handle on the loop."""
+        if job.finished:
+            return
+        job.finished = True
+        request = job.prepared.request
+        self._jobs.pop(request.request_id, None)
+        self._aborts.pop(request.request_id, None)
+        if admitted:
+            self._queue.finished(request.user_key)
+        self.metrics.outcome(outcome or {"done": "ok"}.get(state, state))
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(job.handle._resolve, story, error, state)
+        logger.info("request %s from %s %s", request.request_id, request.user_key, state)
