@@ -47,3 +47,6 @@ def tiny_lms(tiny_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
 @pytest.fixture(params=["genre_tags", "instruct", "plain"])
 def fmt(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+from tests.fakes.discord_fixtures import fake_discord  # noqa: E402,F401  (fixture)

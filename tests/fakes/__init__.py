@@ -1,0 +1,1 @@
+"""Local stand-ins for the chat platforms' servers; the real client libraries talk to them."""
