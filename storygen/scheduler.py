@@ -1,7 +1,8 @@
 """The fair queue: one FIFO per user, served round-robin, with both caps.
 
-A user who sends twenty stories gets one admitted per turn like everyone else, so a
-newcomer waits at most one turn of the rotation, not behind the whole flood.
+A user who sends twenty stories gets one admitted per turn like everyone else, and a
+newcomer with nothing running goes first, so they wait for one free slot, not for the
+whole flood.
 Not thread-safe: the worker holds its lock around every call.
 """
 
@@ -35,6 +36,8 @@ class FairQueue(Generic[T]):
         self.max_per_user = max_per_user
         self._queues: OrderedDict[str, deque[_Entry[T]]] = OrderedDict()  # rotation order: next user first
         self._running: dict[str, int] = {}
+        self._served: dict[str, int] = {}  # user -> turn of their latest admission, for tie-breaks
+        self._turn = 0
         self._size = 0
 
     def __len__(self) -> int:
@@ -63,18 +66,44 @@ class FairQueue(Generic[T]):
         self._size += 1
 
     def pop(self) -> tuple[str, T] | None:
-        """The next item in round-robin order; its user moves to the back of the rotation."""
-        for user in list(self._queues):
-            queue = self._queues[user]
-            entry = queue.popleft()
+        """The next item in service order (see `_service_order`)."""
+        for entry in self._service_order():
+            queue = self._queues[entry.user]
+            queue.popleft()
             self._size -= 1
             if queue:
-                self._queues.move_to_end(user)
+                self._queues.move_to_end(entry.user)
             else:
-                del self._queues[user]
-            self._running[user] = self._running.get(user, 0) + 1
+                del self._queues[entry.user]
+            self._running[entry.user] = self._running.get(entry.user, 0) + 1
+            self._turn += 1
+            self._served[entry.user] = self._turn
             return entry.key, entry.item
         return None
+
+    def _service_order(self) -> Iterator[_Entry[T]]:
+        """The order items would be admitted in if nothing finished meanwhile.
+
+        The user with the fewest stories running goes first; among equals, the one served
+        longest ago (never served: first). With equal running counts that is round-robin,
+        and a newcomer's first story is admitted at the next free slot, ahead of a
+        flooder's second.
+        """
+        running = dict(self._running)
+        served = dict(self._served)
+        rotation = list(self._queues)
+        depth = dict.fromkeys(rotation, 0)
+        turn = self._turn
+        while rotation:
+            user = min(rotation, key=lambda u: (running.get(u, 0), served.get(u, -1)))
+            yield self._queues[user][depth[user]]
+            depth[user] += 1
+            running[user] = running.get(user, 0) + 1
+            turn += 1
+            served[user] = turn
+            rotation.remove(user)
+            if depth[user] < len(self._queues[user]):
+                rotation.append(user)
 
     def remove(self, key: str) -> T | None:
         """Take a queued item out (cancelled or expired); None if it is not queued."""
@@ -98,17 +127,8 @@ class FairQueue(Generic[T]):
 
     def position(self, key: str) -> int | None:
         """How many items will be admitted before this one (0: next), or None if not queued."""
-        order = list(self._queues)
-        for rank, user in enumerate(order):
-            for depth, entry in enumerate(self._queues[user]):
-                if entry.key != key:
-                    continue
-                # Each earlier full rotation admits one item per user with items left;
-                # in the last partial rotation, the users ahead of this one go first.
-                ahead = depth
-                for other_rank, other in enumerate(order):
-                    if other != user:
-                        ahead += min(len(self._queues[other]), depth + (1 if other_rank < rank else 0))
+        for ahead, entry in enumerate(self._service_order()):
+            if entry.key == key:
                 return ahead
         return None
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from storygen.config import StorygenConfig
 from storygen.endings import finish_story
 from storygen.engine import Engine, Sequence
-from storygen.errors import EmptyPromptError
+from storygen.errors import EmptyPromptError, SettingRangeError
 from storygen.genres import Genre, detect_genre, find_genre, is_auto, resolve_genre
 from storygen.model import LoadedModel
 from storygen.prompts import build_prompt, encode_user_text, to_opening
@@ -86,6 +86,10 @@ def prepare(request: StoryRequest, lm: LoadedModel, config: StorygenConfig) -> P
     if detected:
         notices.append(detected)
     prompt_ids = build_prompt(lm.spec, lm.tokenizer, genre, opening)
+    room = lm.max_positions - len(prompt_ids)
+    if request.params.length > room:
+        raise SettingRangeError("length", request.params.length, f"1 to {max(room, 0)} tokens with this opening "
+                                "(the model reads at most " f"{lm.max_positions} tokens)")
     opening_tokens = len(encode_user_text(lm.tokenizer, _opening_as_encoded(lm, opening)))
     return PreparedStory(request, genre, opening, prompt_ids, opening_tokens, tuple(notices))
 
