@@ -48,6 +48,8 @@ def check_value(name: str, value: object, config: StorygenConfig) -> object:
     """Check one setting against the operator's caps; returns the value in its canonical form."""
     if name == "genre":
         return AUTO if is_auto(str(value)) else resolve_genre(str(value)).name
+    if name == "greedy":
+        return bool(value)
     if name not in SAVED_SETTINGS and name != "seed":
         raise UnknownSettingError(name, SAVED_SETTINGS)
     validate(replace(SamplingParams(), **{name: value}), config.limits)

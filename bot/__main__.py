@@ -1,0 +1,87 @@
+"""`python -m bot`: read the config, load the model, start the worker and the front-ends.
+
+Discord and Slack run side by side in one process and share one worker. SIGINT or
+SIGTERM stops the front-ends first, then the worker, then closes the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from bot.config import BotConfig
+from bot.service import StoryService
+from bot.state import BotState
+from storygen.config import Env, StorygenConfig
+from storygen.errors import ConfigError, ModelLoadError
+from storygen.model import load_model
+from storygen.settings import SettingsStore
+from storygen.worker import Worker
+
+logger = logging.getLogger("bot")
+
+
+def _front_ends(service: StoryService, config: BotConfig) -> list:
+    ends = []
+    if config.discord_enabled:
+        from bot.discord_adapter import DiscordFrontEnd
+
+        ends.append(DiscordFrontEnd(service, config))
+    if config.slack_enabled:
+        from bot.slack_adapter import SlackFrontEnd
+
+        ends.append(SlackFrontEnd(service, config))
+    return ends
+
+
+async def serve(config: BotConfig, storygen_config: StorygenConfig, stop: asyncio.Event) -> None:
+    lm = await asyncio.to_thread(load_model, storygen_config)
+    settings = SettingsStore(storygen_config.settings_db)
+    state = BotState(storygen_config.settings_db)
+    worker = Worker(lm, storygen_config)
+    await worker.start()
+    service = StoryService(worker, settings, state, storygen_config)
+    ends = _front_ends(service, config)
+    try:
+        for end in ends:
+            await end.start()
+        logger.info("serving on %s", ", ".join(type(e).__name__ for e in ends))
+        await stop.wait()
+    finally:
+        for end in reversed(ends):
+            await end.stop()
+        await worker.stop()
+        settings.close()
+        state.close()
+        logger.info("stopped")
+
+
+def main() -> int:
+    env = Env()
+    try:
+        config = BotConfig.from_env(env)
+        storygen_config = StorygenConfig.from_env(env)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(config, storygen_config, stop)
+
+    try:
+        asyncio.run(run())
+    except ModelLoadError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

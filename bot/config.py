@@ -1,0 +1,99 @@
+"""Chat-side settings: tokens and endpoints. Read with the same rules as storygen's
+(environment over `.env` over defaults; a bad value fails at start-up naming the key)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from storygen.config import Env, Secret
+from storygen.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+DISCORD_API = "https://discord.com/api/v10"
+DISCORD_GATEWAY = "wss://gateway.discord.gg"
+SLACK_API = "https://slack.com/api/"
+SLACK_MODES = ("auto", "socket", "http")
+
+
+@dataclass(frozen=True)
+class BotConfig:
+    discord_token: Secret = Secret("")
+    discord_api_url: str = DISCORD_API
+    discord_gateway_url: str = DISCORD_GATEWAY
+    discord_guild_ids: tuple[int, ...] = ()  # sync commands to these guilds at once (global sync takes up to an hour)
+    slack_bot_token: Secret = Secret("")
+    slack_app_token: Secret = Secret("")
+    slack_signing_secret: Secret = Secret("")
+    slack_api_url: str = SLACK_API
+    slack_mode: str = "auto"  # socket when SLACK_APP_TOKEN is set, else http
+    slack_http_port: int = 3000
+    slack_http_path: str = "/slack/events"
+    stream_interval_s: float = 1.0  # edit a streaming message at most this often
+    log_level: str = "INFO"
+
+    @property
+    def discord_enabled(self) -> bool:
+        return bool(self.discord_token)
+
+    @property
+    def slack_enabled(self) -> bool:
+        return bool(self.slack_bot_token)
+
+    @property
+    def slack_socket_mode(self) -> bool:
+        return self.slack_mode == "socket" or (self.slack_mode == "auto" and bool(self.slack_app_token))
+
+    @classmethod
+    def from_env(cls, env: Env | None = None) -> BotConfig:
+        env = env or Env()
+        config = cls(
+            discord_token=env.secret("DISCORD_TOKEN"),
+            discord_api_url=_url(env, "DISCORD_API_URL", DISCORD_API, ("http", "https")),
+            discord_gateway_url=_url(env, "DISCORD_GATEWAY_URL", DISCORD_GATEWAY, ("ws", "wss")),
+            discord_guild_ids=_ids(env, "DISCORD_GUILD_IDS"),
+            slack_bot_token=env.secret("SLACK_BOT_TOKEN"),
+            slack_app_token=env.secret("SLACK_APP_TOKEN"),
+            slack_signing_secret=env.secret("SLACK_SIGNING_SECRET"),
+            slack_api_url=_url(env, "SLACK_API_URL", SLACK_API, ("http", "https")),
+            slack_mode=env.choice("SLACK_MODE", "auto", SLACK_MODES),
+            slack_http_port=env.int("SLACK_HTTP_PORT", 3000, 1, 65535),
+            slack_http_path=env.str("SLACK_HTTP_PATH", "/slack/events"),
+            stream_interval_s=env.float("BOT_STREAM_INTERVAL_S", 1.0, 0.2, 30),
+            log_level=env.choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")).upper(),
+        )
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """Refuse a configuration that cannot work, naming what to fix."""
+        if not self.discord_enabled and not self.slack_enabled:
+            raise ConfigError("no chat platform configured: set DISCORD_TOKEN, or SLACK_BOT_TOKEN with "
+                              "SLACK_APP_TOKEN (Socket Mode) or SLACK_SIGNING_SECRET (HTTP); see .env.example")
+        if self.slack_enabled:
+            if not str(self.slack_bot_token).startswith("xoxb-"):
+                raise ConfigError("SLACK_BOT_TOKEN must be a bot token starting with xoxb-")
+            if self.slack_socket_mode and not str(self.slack_app_token).startswith("xapp-"):
+                raise ConfigError("Socket Mode needs SLACK_APP_TOKEN, an app-level token starting with xapp-")
+            if not self.slack_socket_mode and not self.slack_signing_secret:
+                raise ConfigError("HTTP mode needs SLACK_SIGNING_SECRET (or set SLACK_APP_TOKEN for Socket Mode)")
+        if not self.slack_http_path.startswith("/"):
+            raise ConfigError(f"SLACK_HTTP_PATH={self.slack_http_path!r} must start with /")
+
+
+def _url(env: Env, key: str, default: str, schemes: tuple[str, ...]) -> str:
+    value = env.str(key, default)
+    parsed = urlparse(value)
+    if parsed.scheme not in schemes or not parsed.netloc:
+        raise ConfigError(f"{key}={value!r} is not a {' or '.join(s + '://' for s in schemes)} URL")
+    return value
+
+
+def _ids(env: Env, key: str) -> tuple[int, ...]:
+    raw = env.str(key, "")
+    try:
+        return tuple(int(part) for part in raw.replace(",", " ").split())
+    except ValueError:
+        raise ConfigError(f"{key}={raw!r} must be numeric ids separated by commas") from None

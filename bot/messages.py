@@ -1,0 +1,60 @@
+"""Every line the bot says that is not a story, in one place, for Discord and Slack alike.
+
+Errors from storygen carry their own wording (storygen/errors.py); this module holds
+the bot's: help, queue status, settings, admin, and the rendering of notices.
+"""
+
+from __future__ import annotations
+
+from storygen.genres import GENRES
+
+HELP = """\
+*StoryBot* writes a story from your opening, in the genre you pick.
+• `/story <genre> <opening>`: e.g. `/story sci_fi After discovering time travel`
+• `/story auto <opening>`: the genre is guessed from your opening
+• `/story <opening>`: uses your default genre
+• options at the end: `length=150 temperature=1.1 top_p=0.9 top_k=40 repetition_penalty=1.2 seed=7`
+• `/story genres`: the genres, with an example opening each
+• `/story settings`: your defaults; `/story settings temperature=1.1 length=150` to change them; `/story settings reset`
+• `/story queue`: where your story is in line
+• `/story cancel`: stop your story
+• `/story continue`: carry on your last story in this channel"""
+
+QUEUED = "⏳ queued, #{position} in line (about {eta} s)"
+STARTED = "✍️ writing…"
+NOTHING_TO_CANCEL = "You have no story in progress."
+CANCELLED = "🛑 Cancelled your story."
+NOT_YOURS = "Only the person who asked for this story can cancel it."
+NOTHING_QUEUED = "You have no story in progress. The queue holds {depth} {stories}."
+QUEUE_STATUS = "Your story is #{position} in line (about {eta} s); the queue holds {depth} {stories}."
+RUNNING_STATUS = "Your story is being written now; the queue holds {depth} {stories}."
+NOTHING_TO_CONTINUE = "There is no story of yours in this channel to continue yet; start one with `/story`."
+STORY_GONE = "That story is no longer stored, so it can't be continued or regenerated; start a new one with `/story`."
+SETTINGS_SAVED = "Saved. Your settings now:"
+SETTINGS_RESET = "Your settings are back to the server defaults:"
+CHANNEL_NOT_ALLOWED = "Stories are not enabled in this channel; ask an admin, or use one of: {channels}"
+COOLDOWN = "You're on cooldown: try again in {seconds} s."
+ADMIN_ONLY = "Only members with Manage Server can change the server's story settings."
+ADMIN_SAVED = "Server story settings saved:"
+STORY_FOOTER = "{genre} · {tokens} tokens · seed {seed}{ending}"
+ENDING_CUT = " · trimmed at the length limit"
+
+
+def plural(n: int, word: str = "story", many: str = "stories") -> str:
+    return word if n == 1 else many
+
+
+def queued(position: int, eta_s: float) -> str:
+    return QUEUED.format(position=position + 1, eta=max(1, round(eta_s)))
+
+
+def genres_text() -> str:
+    lines = ["*Genres* (or `auto` to detect one from your opening):"]
+    for g in GENRES:
+        lines.append(f"• `{g.name}`: {g.description} _e.g. “{g.example}”_")
+    return "\n".join(lines)
+
+
+def footer(genre: str, tokens: int, seed: int, finish_reason: str) -> str:
+    return STORY_FOOTER.format(genre=genre, tokens=tokens, seed=seed,
+                               ending=ENDING_CUT if finish_reason == "length" else "")

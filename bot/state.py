@@ -1,0 +1,114 @@
+"""What the bot keeps across restarts, in the same SQLite file as user settings.
+
+- stories: each finished story with the command that made it, so Continue and
+  Regenerate buttons still work after a restart;
+- server settings: per Discord guild or Slack workspace, set by its admins.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+MAX_STORED_PER_CHANNEL = 50  # older stories in a channel are pruned
+
+
+@dataclass(frozen=True)
+class StoredStory:
+    request_id: str
+    user_key: str
+    channel_key: str
+    genre: str
+    prompt: str  # the opening the user typed (for Regenerate)
+    overrides: dict[str, object]
+    text: str  # the whole story so far (grows with Continue)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """An admin's limits for one server; None means the operator's value applies."""
+
+    allowed_channels: tuple[str, ...] = ()  # empty: every channel
+    max_length: int | None = None
+    max_temperature: float | None = None
+    cooldown_s: float = 0.0
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class BotState:
+    def __init__(self, path: Path | str) -> None:
+        if str(path) != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS stories (request_id TEXT PRIMARY KEY, user_key TEXT NOT NULL,"
+            " channel_key TEXT NOT NULL, genre TEXT NOT NULL, prompt TEXT NOT NULL, overrides TEXT NOT NULL,"
+            " text TEXT NOT NULL, created_at REAL NOT NULL)"
+        )
+        self._db.execute("CREATE INDEX IF NOT EXISTS stories_by_channel ON stories (channel_key, user_key, created_at)")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS server_settings (server_key TEXT PRIMARY KEY, settings TEXT NOT NULL)"
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def save_story(self, story: StoredStory) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO stories VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (story.request_id, story.user_key, story.channel_key, story.genre, story.prompt,
+                 json.dumps(story.overrides), story.text, time.time()),
+            )
+            self._db.execute(
+                "DELETE FROM stories WHERE channel_key = ? AND request_id NOT IN (SELECT request_id FROM stories"
+                " WHERE channel_key = ? ORDER BY created_at DESC LIMIT ?)",
+                (story.channel_key, story.channel_key, MAX_STORED_PER_CHANNEL),
+            )
+
+    def story(self, request_id: str) -> StoredStory | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT request_id, user_key, channel_key, genre, prompt, overrides, text FROM stories"
+                " WHERE request_id = ?", (request_id,)).fetchone()
+        return _to_story(row)
+
+    def last_story(self, user_key: str, channel_key: str) -> StoredStory | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT request_id, user_key, channel_key, genre, prompt, overrides, text FROM stories"
+                " WHERE user_key = ? AND channel_key = ? ORDER BY created_at DESC LIMIT 1",
+                (user_key, channel_key)).fetchone()
+        return _to_story(row)
+
+    def server(self, server_key: str) -> ServerSettings:
+        with self._lock:
+            row = self._db.execute("SELECT settings FROM server_settings WHERE server_key = ?",
+                                   (server_key,)).fetchone()
+        if not row:
+            return ServerSettings()
+        data = json.loads(row[0])
+        data["allowed_channels"] = tuple(data.get("allowed_channels", ()))
+        return ServerSettings(**data)
+
+    def save_server(self, server_key: str, settings: ServerSettings) -> None:
+        data = settings.__dict__ | {"allowed_channels": list(settings.allowed_channels)}
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO server_settings VALUES (?, ?)", (server_key, json.dumps(data)))
+
+
+def _to_story(row: tuple | None) -> StoredStory | None:
+    if row is None:
+        return None
+    request_id, user_key, channel_key, genre, prompt, overrides, text = row
+    return StoredStory(request_id, user_key, channel_key, genre, prompt, json.loads(overrides), text)

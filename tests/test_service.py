@@ -1,0 +1,78 @@
+import pytest
+
+from bot.commands import SettingsCommand, StoryCommand
+from bot.service import ChatContext, NotAllowedError
+from storygen.errors import TooManyRequestsError
+
+ALICE = ChatContext("discord", "g1", "c1", "alice")
+BOB = ChatContext("discord", "g1", "c1", "bob")
+ADMIN = ChatContext("discord", "g1", "c1", "root", is_admin=True)
+
+
+async def test_story_continue_and_regenerate(story_service):
+    started = await story_service.story(ALICE, StoryCommand("Once upon a time", "fantasy", {"length": 20}))
+    story = await started.handle
+    story_service.record(ALICE, started, story)
+    assert started.request.user_key == "discord:g1:alice" and story.genre == "fantasy"
+    more = await story_service.continue_last(ALICE)
+    continued = await more.handle
+    assert continued.text.startswith(more.shown) and more.shown  # the model reread the end of the story
+    story_service.record(ALICE, more, continued)
+    whole = story_service.state.last_story(ALICE.user_key, ALICE.channel_key)
+    assert whole.text == story.text + more.new_text(continued)
+    again = await story_service.regenerate(ALICE, started.request.request_id)
+    assert again.request.prompt == "Once upon a time" and again.request.params.length == 20
+    await again.handle
+
+
+async def test_continue_without_a_story(story_service):
+    with pytest.raises(NotAllowedError, match="no story of yours in this channel"):
+        await story_service.continue_last(BOB)
+
+
+async def test_only_the_requester_cancels(story_service):
+    started = await story_service.story(ALICE, StoryCommand("A long tale", "drama", {"length": 300}))
+    with pytest.raises(NotAllowedError, match="Only the person who asked"):
+        story_service.cancel(BOB, started.request.request_id)
+    assert story_service.cancel(BOB) == "You have no story in progress."
+    assert story_service.cancel(ALICE, started.request.request_id) == "🛑 Cancelled your story."
+
+
+async def test_per_user_cap_through_the_service(story_service):
+    for _ in range(2):
+        await story_service.story(ALICE, StoryCommand("Tale", "drama", {"length": 300}))
+    with pytest.raises(TooManyRequestsError, match="you already have 2 stories in progress"):
+        await story_service.story(ALICE, StoryCommand("Tale", "drama"))
+
+
+async def test_settings_show_set_reset(story_service):
+    text = story_service.user_settings(ALICE, SettingsCommand("set", {"temperature": "1.1", "genre": "horror"}))
+    assert "temperature = 1.1  (your default)" in text and "genre = horror  (your default)" in text
+    started = await story_service.story(ALICE, StoryCommand("The door", None, {"length": 5}))
+    assert started.request.genre == "horror" and started.request.params.temperature == 1.1
+    assert "(server default)" in story_service.user_settings(ALICE, SettingsCommand("reset"))
+
+
+async def test_admin_rules(story_service):
+    with pytest.raises(NotAllowedError, match="Manage Server"):
+        story_service.admin(ALICE, cooldown_s=5)
+    story_service.admin(ADMIN, allowed_channels=("c2",), max_length=50, cooldown_s=60)
+    with pytest.raises(NotAllowedError, match="not enabled in this channel; .* c2"):
+        await story_service.story(ALICE, StoryCommand("Tale", "drama"))
+    elsewhere = ChatContext("discord", "g1", "c2", "alice")
+    from storygen.errors import SettingRangeError
+
+    with pytest.raises(SettingRangeError, match="1 to 50 tokens"):
+        await story_service.story(elsewhere, StoryCommand("Tale", "drama", {"length": 80}))
+    await story_service.story(elsewhere, StoryCommand("Tale", "drama", {"length": 10}))
+    with pytest.raises(NotAllowedError, match="cooldown: try again in"):
+        await story_service.story(elsewhere, StoryCommand("Tale", "drama"))
+    other_server = ChatContext("discord", "g2", "c1", "alice")
+    await story_service.story(other_server, StoryCommand("Tale", "drama", {"length": 80}))
+
+
+async def test_queue_status(story_service):
+    assert "no story in progress" in story_service.queue(ALICE)
+    await story_service.story(ALICE, StoryCommand("Tale", "drama", {"length": 300}))
+    status = story_service.queue(ALICE)
+    assert "being written now" in status or "in line" in status
