@@ -36,6 +36,7 @@ CHANNEL_NOT_ALLOWED = "Stories are not enabled in this channel; ask an admin, or
 COOLDOWN = "You're on cooldown: try again in {seconds} s."
 ADMIN_ONLY = "Only members with Manage Server can change the server's story settings."
 ADMIN_SAVED = "Server story settings saved:"
+ADMIN_SHOW = "Server story settings:"
 STORY_FOOTER = "{genre} · {tokens} tokens · seed {seed}{ending}"
 ENDING_CUT = " · trimmed at the length limit"
 
@@ -58,3 +59,58 @@ def genres_text() -> str:
 def footer(genre: str, tokens: int, seed: int, finish_reason: str) -> str:
     return STORY_FOOTER.format(genre=genre, tokens=tokens, seed=seed,
                                ending=ENDING_CUT if finish_reason == "length" else "")
+
+
+# --- Discord ------------------------------------------------------------------------------------
+# Slash-command and option descriptions are shown in Discord's command picker (at most 100 characters).
+
+DISCORD_COMMANDS = {
+    "story": "Write a story in a genre from your opening",
+    "continue": "Carry on your last story in this channel",
+    "settings": "Your story defaults",
+    "settings show": "Show your defaults and where each value comes from",
+    "settings set": "Change your defaults",
+    "settings reset": "Go back to the server's defaults",
+    "genres": "The genres, with an example opening each",
+    "queue": "Where your story is in line",
+    "cancel": "Stop your story in progress",
+    "storyadmin": "Server story rules: channels, caps, cooldown (Manage Server)",
+}
+DISCORD_OPTIONS = {
+    "genre": "A genre, or auto to guess it from your opening (or type the whole opening here)",
+    "default_genre": "Your default genre, or auto to guess it from each opening",
+    "prompt": "How the story starts, e.g. After discovering time travel",
+    "length": "New tokens to write at most",
+    "temperature": "Randomness: 0 always picks the likeliest word, higher is wilder",
+    "top_p": "Sample only from the likeliest words that add up to this probability",
+    "top_k": "Sample only from this many likeliest words (0: no limit)",
+    "repetition_penalty": "Discourage repeating words (1: off)",
+    "seed": "Same seed, settings and opening: the same story",
+    "allow_channel": "Allow stories in this channel (once any is allowed, only those are)",
+    "disallow_channel": "Stop allowing stories in this channel",
+    "all_channels": "True: allow stories in every channel again",
+    "max_length": "Cap on story length in tokens for this server",
+    "max_temperature": "Cap on temperature for this server",
+    "cooldown": "Seconds each member waits between stories (0: none)",
+}
+DISCORD_AUTO_CHOICE = "auto: guess the genre from your opening"
+DISCORD_HELP = """\
+**StoryBot** writes a story from your opening, in the genre you pick.
+• `/story genre:sci_fi prompt:After discovering time travel`
+• or type it all in the genre box: `/story sci_fi After discovering time travel`
+• `/continue`, or the Continue button under a story: carry it on
+• `/genres`, `/queue`, `/cancel`, `/settings show|set|reset`"""
+SETTINGS_NOTHING_TO_SET = "nothing to set; pick at least one option, e.g. `/settings set temperature:1.1`"
+STORY_TITLE = "📖 {genre}"
+STORY_TITLE_CONTINUED = "📖 {genre}, continued"
+STORY_TITLE_PAGE = "📖 {genre} ({page}/{pages})"
+STORY_WRITING = "✍️ writing… {chars} characters so far"
+STORY_CANCELLED = "🛑 Cancelled."
+STORY_FAILED = "⚠️ {error}"
+STORY_IN_FILE = "The whole story is in the attached file ({chars} characters)."
+STORY_FOR = "Story for {user}"
+STORY_INTERRUPTED = "the bot restarted before your story was finished; please ask again"
+STORY_MOVED = "⌛ This is taking a while: the story will appear as a new message in this channel."
+BUTTON_CONTINUE = "Continue"
+BUTTON_REGENERATE = "Regenerate"
+BUTTON_CANCEL = "Cancel"

@@ -190,10 +190,12 @@ class StoryService:
             raise NotAllowedError(messages.ADMIN_ONLY)
         server = self.state.server(ctx.server_key)
         changes = {k: v for k, v in changes.items() if v is not None}
-        _check_admin_values(changes, self.config.limits)
-        server = replace(server, **changes)
-        self.state.save_server(ctx.server_key, server)
-        return "\n".join([messages.ADMIN_SAVED, *describe_server(server, self.config.limits)])
+        if changes:
+            _check_admin_values(changes, self.config.limits)
+            server = replace(server, **changes)
+            self.state.save_server(ctx.server_key, server)
+        head = messages.ADMIN_SAVED if changes else messages.ADMIN_SHOW
+        return "\n".join([head, *describe_server(server, self.config.limits)])
 
     # --- server rules ----------------------------------------------------------------------------
 
