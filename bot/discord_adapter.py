@@ -1,0 +1,296 @@
+"""The Discord front-end: discord.py events in, rendered results out.
+
+    to_story_request(interaction) -> (ChatContext, command)    every slash command and button
+    DiscordFrontEnd.handle(interaction)                       the one handler between them
+    bot.discord_delivery / bot.discord_render                  a story's messages
+
+Commands parse and validate in bot/commands.py and bot/service.py, shared with Slack;
+the slash commands' schema is in bot/discord_commands.py. The gateway only brings
+interactions in: every reply goes out over REST with the interaction's token, so a
+reconnect or resume loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, replace
+
+import discord
+from discord import app_commands
+
+from bot import messages
+from bot.commands import Command, CommandError, SettingsCommand, SimpleCommand, StoryCommand, parse_command_text
+from bot.config import DISCORD_API, DISCORD_GATEWAY, BotConfig
+from bot.discord_delivery import TOKEN_TTL_S, StoryDelivery
+from bot.discord_endpoints import point_discord_at
+from bot.discord_render import NO_MENTIONS, StoryButton, to_discord_line
+from bot.service import ChatContext, Started, StoryService, user_message
+from bot.state import ServerSettings
+from storygen.errors import ConfigError, UnknownGenreError
+from storygen.genres import AUTO, find_genre, genre_names, is_auto
+from storygen.sampling import USER_SETTINGS
+from storygen.settings import SAVED_SETTINGS
+
+logger = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 60.0  # start() returns after this even if Discord is slow; the client keeps trying
+
+
+@dataclass(frozen=True)
+class ButtonPress:
+    action: str  # continue, regenerate, cancel
+    request_id: str
+
+
+@dataclass(frozen=True)
+class AdminCommand:
+    """/storyadmin's options; None leaves a setting as it is."""
+
+    allow_channel: str | None = None
+    disallow_channel: str | None = None
+    all_channels: bool | None = None
+    max_length: int | None = None
+    max_temperature: float | None = None
+    cooldown_s: float | None = None
+
+    def changes(self, current: ServerSettings) -> dict[str, object]:
+        """An allow-list: an empty one means every channel."""
+        channels = None
+        if self.all_channels:
+            channels = ()
+        if self.allow_channel or self.disallow_channel:
+            kept = [] if self.all_channels else list(current.allowed_channels)
+            if self.allow_channel and self.allow_channel not in kept:
+                kept.append(self.allow_channel)
+            if self.disallow_channel in kept:
+                kept.remove(self.disallow_channel)
+            channels = tuple(kept)
+        return {"allowed_channels": channels, "max_length": self.max_length,
+                "max_temperature": self.max_temperature, "cooldown_s": self.cooldown_s}
+
+
+DiscordCommand = Command | ButtonPress | AdminCommand
+
+
+# --- interaction -> (ChatContext, command) -----------------------------------------------------------
+
+def to_chat_context(interaction: discord.Interaction) -> ChatContext:
+    return ChatContext("discord", str(interaction.guild_id or "dm"), str(interaction.channel_id),
+                       str(interaction.user.id), is_admin=interaction.permissions.manage_guild)
+
+
+def to_story_request(interaction: discord.Interaction) -> tuple[ChatContext, DiscordCommand]:
+    """Any of our slash commands or buttons as a platform-neutral command; raises a ValidationError."""
+    ctx = to_chat_context(interaction)
+    if interaction.type is discord.InteractionType.component:
+        match = StoryButton.__discord_ui_compiled_template__.fullmatch(interaction.data["custom_id"])
+        return ctx, ButtonPress(match["action"], match["request_id"])
+    name = interaction.command.qualified_name  # type: ignore[union-attr]
+    options = interaction.namespace
+    if name == "story":
+        chosen = {key: getattr(options, key) for key in USER_SETTINGS if getattr(options, key) is not None}
+        return ctx, to_story_command(options.genre or "", options.prompt or "", chosen)
+    if name.startswith("settings "):
+        action = name.split()[1]
+        values = {key: str(getattr(options, key)) for key in SAVED_SETTINGS if getattr(options, key) is not None}
+        if action == "set" and not values:
+            raise CommandError(messages.SETTINGS_NOTHING_TO_SET)
+        return ctx, SettingsCommand(action, values if action == "set" else {})
+    if name == "storyadmin":
+        return ctx, AdminCommand(
+            str(options.allow_channel.id) if options.allow_channel else None,
+            str(options.disallow_channel.id) if options.disallow_channel else None,
+            options.all_channels, options.max_length, options.max_temperature, options.cooldown)
+    return ctx, SimpleCommand(name)
+
+
+def to_story_command(genre: str, prompt: str, options: dict[str, object]) -> Command:
+    """/story's genre and prompt boxes as one command.
+
+    Discord puts what someone types after `/story ` into the first box, genre. So:
+    a genre (name, alias or auto) there takes the prompt box as the opening; anything
+    else there is read as the whole command text, `sci_fi After discovering time
+    travel` included, with the prompt box appended. One unknown word in the genre box
+    next to a filled prompt box is a mistyped genre. Typed options win over `name=value`
+    ones written in the text.
+    """
+    genre, prompt = genre.strip(), prompt.strip()
+    found = find_genre(genre)
+    named = AUTO if genre and is_auto(genre) else (found.name if found else None)
+    if named and prompt:
+        return StoryCommand(prompt, named, options)
+    if prompt and len(genre.split()) == 1:
+        raise UnknownGenreError(genre[:40], [*genre_names(), AUTO])
+    command = parse_command_text(f"{genre} {prompt}".strip())
+    if isinstance(command, StoryCommand):
+        return replace(command, overrides={**command.overrides, **options})
+    return command
+
+
+# --- the client -----------------------------------------------------------------------------------------
+
+class StoryClient(discord.Client):
+    """No privileged intents: slash commands and buttons arrive as interactions, whatever the intents."""
+
+    def __init__(self, front_end: DiscordFrontEnd, **options: object) -> None:
+        super().__init__(intents=discord.Intents(guilds=True), allowed_mentions=NO_MENTIONS, **options)
+        self.front_end = front_end
+        self.tree = app_commands.CommandTree(self)
+
+    async def setup_hook(self) -> None:
+        self.add_dynamic_items(StoryButton)  # buttons on messages from before a restart still work
+        await self.front_end.sync_commands()
+
+    async def on_ready(self) -> None:
+        logger.info("Discord: logged in as %s in %s servers", self.user, len(self.guilds))
+
+    async def on_resumed(self) -> None:
+        logger.info("Discord: gateway session resumed")
+
+    async def on_story_button(self, interaction: discord.Interaction) -> None:
+        await self.front_end.handle(interaction)
+
+
+class DiscordFrontEnd:
+    def __init__(self, service: StoryService, config: BotConfig, *, token_ttl_s: float = TOKEN_TTL_S,
+                 guild_ready_timeout: float = 2.0) -> None:
+        from bot.discord_commands import add_commands
+
+        self.service = service
+        self.config = config
+        self.token_ttl_s = token_ttl_s
+        self.client = StoryClient(self, guild_ready_timeout=guild_ready_timeout)
+        self.tree = self.client.tree
+        self.tree.on_error = self._on_tree_error  # type: ignore[method-assign]
+        add_commands(self.tree, self, service.config.limits)
+        self._deliveries: set[asyncio.Task] = set()
+        self._runner: asyncio.Task | None = None
+        self._restore_endpoints = None
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Log in, sync the slash commands, connect to the gateway, and wait (a while) for READY."""
+        if (self.config.discord_api_url, self.config.discord_gateway_url) != (DISCORD_API, DISCORD_GATEWAY):
+            self._restore_endpoints = point_discord_at(self.config.discord_api_url, self.config.discord_gateway_url)
+        self._runner = asyncio.create_task(self.client.start(str(self.config.discord_token)), name="discord-client")
+        ready = asyncio.create_task(self.client.wait_until_ready())
+        await asyncio.wait({self._runner, ready}, timeout=START_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        if self._runner.done():
+            error = self._runner.exception()
+            if isinstance(error, discord.LoginFailure):
+                raise ConfigError("DISCORD_TOKEN was refused by Discord; copy the bot token again "
+                                  "(see docs/DISCORD.md)") from error
+            raise error or RuntimeError("the Discord client stopped during start-up")
+        if not self.client.is_ready():
+            logger.warning("Discord: not ready after %.0f s; still trying in the background", START_TIMEOUT_S)
+
+    async def stop(self) -> None:
+        for task in list(self._deliveries):
+            task.cancel()
+        await asyncio.gather(*self._deliveries, return_exceptions=True)
+        await self.client.close()
+        if self._runner is not None:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(self._runner, 5)
+        if self._restore_endpoints is not None:
+            self._restore_endpoints()
+            self._restore_endpoints = None
+
+    async def sync_commands(self) -> None:
+        """To the servers in DISCORD_GUILD_IDS at once, or globally (Discord may take a while to show those)."""
+        try:
+            if not self.config.discord_guild_ids:
+                synced = await self.tree.sync()
+                logger.info("Discord: %s commands synced globally", len(synced))
+            for guild_id in self.config.discord_guild_ids:
+                guild = discord.Object(guild_id)
+                self.tree.copy_global_to(guild=guild)
+                synced = await self.tree.sync(guild=guild)
+                logger.info("Discord: %s commands synced to server %s", len(synced), guild_id)
+        except discord.HTTPException as error:
+            logger.error("Discord: could not sync the slash commands (%s %s: %s); was the bot invited with the "
+                         "applications.commands scope?", error.status, error.code, error.text)
+
+    # --- the handler ---------------------------------------------------------------------------------
+
+    async def handle(self, interaction: discord.Interaction) -> None:
+        """Every slash command and button: translate, act, then answer once."""
+        try:
+            ctx, command = to_story_request(interaction)
+            logger.info("discord %s from %s in %s", type(command).__name__, ctx.user_key, ctx.channel_key)
+            result = await self._act(ctx, command)
+        except Exception as error:
+            await self._reply(interaction, user_message(error, f"for discord user {interaction.user.id}"))
+            return
+        if isinstance(result, str):
+            await self._reply(interaction, result)
+            return
+        # Checks and queueing above take milliseconds, so a refusal can still be an ephemeral line;
+        # the story itself is written after the acknowledgement.
+        try:
+            await interaction.response.defer(thinking=True)
+        except discord.HTTPException as error:
+            logger.warning("story %s for %s: could not acknowledge (%s %s); cancelled", result.request.request_id,
+                           ctx.user_key, error.status, error.code)
+            result.handle.cancel()
+            return
+        delivery = StoryDelivery(interaction, result, on_done=lambda story: self.service.record(ctx, result, story),
+                                 max_prompt_chars=self.service.config.max_prompt_chars,
+                                 interval=self.config.stream_interval_s, token_ttl_s=self.token_ttl_s)
+        task = asyncio.create_task(delivery.run(), name=f"discord-story-{result.request.request_id}")
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
+
+    async def _act(self, ctx: ChatContext, command: DiscordCommand) -> Started | str:
+        service = self.service
+        match command:
+            case StoryCommand():
+                return await service.story(ctx, command)
+            case ButtonPress(action="continue"):
+                return await service.continue_story(ctx, command.request_id)
+            case ButtonPress(action="regenerate"):
+                return await service.regenerate(ctx, command.request_id)
+            case ButtonPress(action="cancel"):
+                return service.cancel(ctx, command.request_id)
+            case SimpleCommand(name="continue"):
+                return await service.continue_last(ctx)
+            case SimpleCommand(name="cancel"):
+                return service.cancel(ctx)
+            case SimpleCommand(name="queue"):
+                return service.queue(ctx)
+            case SimpleCommand(name="genres"):
+                return messages.genres_text()
+            case SettingsCommand():
+                return service.user_settings(ctx, command)
+            case AdminCommand():
+                return service.admin(ctx, **command.changes(service.state.server(ctx.server_key)))
+        return messages.DISCORD_HELP
+
+    async def _reply(self, interaction: discord.Interaction, line: str) -> None:
+        """One ephemeral line: only the person who asked sees it."""
+        if interaction.response.is_done():
+            await interaction.followup.send(to_discord_line(line), ephemeral=True, allowed_mentions=NO_MENTIONS)
+        else:
+            await interaction.response.send_message(to_discord_line(line), ephemeral=True,
+                                                    allowed_mentions=NO_MENTIONS)
+
+    async def _on_tree_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+        """What escaped a command before our handler ran (e.g. a value discord.py could not convert)."""
+        await self._reply(interaction, user_message(getattr(error, "original", error),
+                                                    f"for discord user {interaction.user.id}"))
+
+    # --- autocomplete --------------------------------------------------------------------------------
+
+    async def genre_choices(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        """Genres whose name or alias starts with what was typed; none once it reads as an opening."""
+        typed = current.strip().lower().replace("-", "_")
+        allowed = self.service.worker.lm.spec.allowed_genres()
+        options = [(AUTO, messages.DISCORD_AUTO_CHOICE, ("auto",))]
+        options += [(g.name, f"{g.name}: {g.description}", (g.name, g.label, *g.aliases)) for g in allowed]
+        return [app_commands.Choice(name=label[:100], value=value) for value, label, keys in options
+                if any(key.lower().replace("-", "_").replace(" ", "_").startswith(typed.replace(" ", "_"))
+                       for key in keys)][:25]
