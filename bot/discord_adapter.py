@@ -228,22 +228,30 @@ class DiscordFrontEnd:
             return
         if isinstance(result, str):
             await self._reply(interaction, result)
-            return
-        # Checks and queueing above take milliseconds, so a refusal can still be an ephemeral line;
-        # the story itself is written after the acknowledgement.
+        else:
+            await self._deliver(interaction, ctx, result)
+
+    async def _deliver(self, interaction: discord.Interaction, ctx: ChatContext, started: Started) -> None:
+        # The checks and queueing before this take milliseconds, so a refusal could still be an
+        # ephemeral line; the story itself is written after the acknowledgement.
         try:
             await interaction.response.defer(thinking=True)
         except discord.HTTPException as error:
-            logger.warning("story %s for %s: could not acknowledge (%s %s); cancelled", result.request.request_id,
+            logger.warning("story %s for %s: could not acknowledge (%s %s); cancelled", started.request.request_id,
                            ctx.user_key, error.status, error.code)
-            result.handle.cancel()
+            started.handle.cancel()
             return
-        delivery = StoryDelivery(interaction, result, on_done=lambda story: self.service.record(ctx, result, story),
+        delivery = StoryDelivery(interaction, started, on_done=lambda story: self.service.record(ctx, started, story),
                                  max_prompt_chars=self.service.config.max_prompt_chars,
                                  interval=self.config.stream_interval_s, token_ttl_s=self.token_ttl_s)
-        task = asyncio.create_task(delivery.run(), name=f"discord-story-{result.request.request_id}")
+        task = asyncio.create_task(delivery.run(), name=f"discord-story-{started.request.request_id}")
         self._deliveries.add(task)
-        task.add_done_callback(self._deliveries.discard)
+        task.add_done_callback(self._delivered)
+
+    def _delivered(self, task: asyncio.Task) -> None:
+        self._deliveries.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            user_message(task.exception(), task.get_name())  # logs it with a ref; the user saw the last update
 
     async def _act(self, ctx: ChatContext, command: DiscordCommand) -> Started | str:
         service = self.service

@@ -72,7 +72,10 @@ class StoryDelivery:
             return
         finally:
             collector.cancel()
-        self.on_done(story)
+        try:
+            self.on_done(story)  # kept for Continue and Regenerate
+        except Exception as error:
+            user_message(error, f"recording {self.log_id}")  # logged with a ref; the story is still shown
         text = self.started.new_text(story) if self.started.shown else story.text
         done = StoryProgress(story.request_id, story.genre, "done", text, notices=story.notices,
                              footer=messages.footer(story.genre, story.new_tokens, story.seed, story.finish_reason),

@@ -13,12 +13,14 @@ import time
 
 import pytest
 
+from bot.commands import CommandError, SimpleCommand, StoryCommand
 from bot.config import BotConfig
-from bot.discord_adapter import DiscordFrontEnd
+from bot.discord_adapter import DiscordFrontEnd, to_story_command
 from bot.discord_delivery import TOKEN_TTL_S
 from bot.service import StoryService
 from bot.state import BotState
 from storygen.config import Env, Secret, StorygenConfig
+from storygen.errors import UnknownGenreError
 from storygen.settings import SettingsStore
 from storygen.worker import Worker
 from tests.conftest import tiny_config
@@ -111,6 +113,33 @@ def custom_ids(body) -> list[str]:
 def sent_by_bot(fake) -> list:
     """Every interaction callback, message and edit the bot sent."""
     return [r for r in fake.requests if r.method in ("POST", "PATCH") and r.json and "/commands" not in r.path]
+
+
+# --- the genre and prompt boxes (pure) ------------------------------------------------------------
+
+@pytest.mark.parametrize("genre, prompt, options, expected", [
+    ("sci_fi", "After discovering time travel", {}, StoryCommand("After discovering time travel", "sci_fi")),
+    ("Science Fiction", "The ship", {"length": 50}, StoryCommand("The ship", "sci_fi", {"length": 50})),
+    ("auto", "A castle", {}, StoryCommand("A castle", "auto")),
+    ("sci_fi", "He said x=5", {}, StoryCommand("He said x=5", "sci_fi")),  # a typed prompt is never parsed
+    ("sci_fi After discovering time travel", "", {}, StoryCommand("After discovering time travel", "sci_fi")),
+    ("horror The door length=150 seed=3", "", {"length": 90},
+     StoryCommand("The door", "horror", {"length": 90, "seed": 3})),  # the typed option wins
+    ("After discovering", "time travel", {}, StoryCommand("After discovering time travel", None)),
+    ("The door creaked", "", {}, StoryCommand("The door creaked", None)),  # the user's default genre
+    ("queue", "", {}, SimpleCommand("queue")),
+])
+def test_genre_and_prompt_boxes(genre, prompt, options, expected):
+    assert to_story_command(genre, prompt, options) == expected
+
+
+@pytest.mark.parametrize("genre, prompt, error, fragment", [
+    ("cyberpunk", "A hacker", UnknownGenreError, "unknown genre 'cyberpunk'; choose one of: action, auto"),
+    ("sci_fi", "", CommandError, "add an opening after the genre"),
+])
+def test_genre_and_prompt_box_mistakes(genre, prompt, error, fragment):
+    with pytest.raises(error, match=re.escape(fragment)):
+        to_story_command(genre, prompt, {})
 
 
 # --- schema and autocomplete ------------------------------------------------------------------------
