@@ -1,40 +1,8 @@
-import random
-import re
+"""How a story looks on Discord; bot/render.py's split_text is tested in tests/test_render.py."""
 
 import pytest
 
 from bot.discord_render import MAX_PAGES, PAGE_CHARS, StoryProgress, neutralise, to_discord_messages
-from bot.render import split_text
-
-
-@pytest.mark.parametrize("text, limit, pieces", [
-    ("Short.", 10, ["Short."]),
-    ("  \n ", 10, []),
-    ("A" * 60 + "\n\n" + "B" * 60, 100, ["A" * 60, "B" * 60]),
-    ("Line one is here\nline two", 20, ["Line one is here", "line two"]),
-    ("One two. Three four. Five six.", 20, ["One two. Three four.", "Five six."]),
-    ('He said "Go." Then he left.', 15, ['He said "Go."', "Then he left."]),
-    ("Tiny.\n\nThen a much longer sentence. And more", 40, ["Tiny.\n\nThen a much longer sentence.", "And more"]),
-    ("alpha beta gamma delta", 11, ["alpha beta", "gamma delta"]),
-    ("x" * 25, 10, ["x" * 10, "x" * 10, "x" * 5]),
-])
-def test_split_text(text, limit, pieces):
-    assert split_text(text, limit) == pieces
-
-
-def test_split_text_keeps_every_word_and_respects_the_limit():
-    rng = random.Random(7)
-    words = ["word", "longerword", "end.", "quote.\"", "para\n\n", "line\n", "x" * 30]
-    text = " ".join(rng.choice(words) for _ in range(2000))
-    for limit in (25, 100, 2000, 4096):
-        pieces = split_text(text, limit)
-        assert all(0 < len(p) <= limit for p in pieces)
-        assert re.sub(r"\s", "", "".join(pieces)) == re.sub(r"\s", "", text)
-
-
-def test_split_text_refuses_a_zero_limit():
-    with pytest.raises(ValueError):
-        split_text("text", 0)
 
 
 @pytest.mark.parametrize("raw, safe", [
