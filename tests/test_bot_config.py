@@ -30,6 +30,6 @@ def test_modes_and_masking():
                      DISCORD_GUILD_IDS="1, 2")
     assert config.discord_enabled and config.slack_enabled and config.slack_socket_mode
     assert config.discord_guild_ids == (1, 2)
-    assert "secret" not in repr(config) and "xoxb" not in repr(config)
+    assert "secret.token" not in repr(config) and "xoxb-1" not in repr(config)
     http = _config(SLACK_BOT_TOKEN="xoxb-1", SLACK_SIGNING_SECRET="s")
     assert not http.slack_socket_mode and http.slack_http_path == "/slack/events"
