@@ -14,12 +14,16 @@ import pytest
 import yaml
 
 from bot import messages
+from bot.__main__ import serve
+from bot.config import BotConfig
 from bot.slack_adapter import SETTINGS_COMMAND, STORY_COMMAND
 from bot.slack_render import CANCEL, CONTINUE, REGENERATE, SlackLimits, escape
+from storygen.config import Secret
+from tests.conftest import tiny_config
 from tests.fakes.bolt_http import FORM, SlackSender
 from tests.fakes.fake_slack import fake_slack  # noqa: F401  (fixture)
 from tests.fakes.slack_payloads import form_body, retry_headers
-from tests.fakes.workspace import ALICE, BOB, BOT_TOKEN, STORIES, TEAM_ID
+from tests.fakes.workspace import ALICE, APP_TOKEN, BOB, BOT_TOKEN, STORIES, TEAM_ID
 from tests.slack_helpers import endless, frontends, gate, lm, service, slack  # noqa: F401  (fixtures)
 from tests.slack_helpers import (POSTED, SECRET, blocks, buttons, ended, ephemeral, finished, queued_or_writing,
                                  request_id_of, sections, status)
@@ -190,6 +194,23 @@ async def test_socket_mode_story_buttons_and_duplicate_envelopes(fake_slack, fro
     assert click.payload is None
     assert (await ephemeral(fake_slack, BOB)).args["text"] == messages.NOT_YOURS
     assert len(fake_slack.calls_to("chat.postMessage")) == 1
+
+
+# ---- python -m bot
+
+
+async def test_python_m_bot_serves_slack(fake_slack, tiny_dirs, tmp_path):  # noqa: F811
+    config = BotConfig(slack_bot_token=Secret(BOT_TOKEN), slack_app_token=Secret(APP_TOKEN),
+                       slack_api_url=fake_slack.base_url)  # auto mode: an app token means Socket Mode
+    stop = asyncio.Event()
+    serving = asyncio.create_task(serve(config, tiny_config(tiny_dirs["instruct"], "instruct", tmp_path), stop))
+    await fake_slack.socket.wait_connected(timeout=30)
+    ack = await fake_slack.socket.deliver("slash_commands", fake_slack.slash_command("drama Tale length=5"))
+    assert queued_or_writing(ack.payload["text"])
+    await fake_slack.wait_for("chat.postMessage")
+    stop.set()
+    await asyncio.wait_for(serving, 15)
+    assert fake_slack.socket.connections and not serving.exception()
 
 
 # ---- the manifest
