@@ -17,6 +17,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable
 from typing import Any
 
 from aiohttp import web
@@ -24,6 +25,7 @@ from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from slack_bolt.async_app import AsyncApp
 from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_bolt.response import BoltResponse
+from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_async_handlers import (AsyncConnectionErrorRetryHandler,
                                                          AsyncRateLimitErrorRetryHandler)
 from slack_sdk.web.async_client import AsyncWebClient
@@ -35,6 +37,7 @@ from bot.config import BotConfig
 from bot.service import ChatContext, Started, StoryService, user_message
 from bot.slack_render import CANCEL, CONTINUE, REGENERATE, SlackLimits, escape, unescape
 from bot.slack_stream import StoryWriter, tell
+from storygen.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +105,14 @@ def build_app(config: BotConfig) -> AsyncApp:
                     process_before_response=False)
 
 
+async def _check_token(key: str, call: Awaitable[object]) -> None:
+    try:
+        await call
+    except SlackApiError as error:
+        raise ConfigError(f"Slack refused {key} ({error.response.get('error')}); copy it again from the "
+                          "app's settings (see docs/SLACK.md)") from None
+
+
 class SlackFrontEnd:
     """Slack for a StoryService: `await start()`, `await stop()`."""
 
@@ -121,8 +132,13 @@ class SlackFrontEnd:
     # --- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Check the bot token, then connect (Socket Mode) or listen (HTTP); a refused token is a ConfigError."""
+        await _check_token("SLACK_BOT_TOKEN", self.app.client.auth_test())
         if self.config.slack_socket_mode:
-            self._socket = AsyncSocketModeHandler(self.app, app_token=str(self.config.slack_app_token))
+            app_token = str(self.config.slack_app_token)
+            # The socket client retries a refused token forever; ask once ourselves to fail fast instead.
+            await _check_token("SLACK_APP_TOKEN", self.app.client.apps_connections_open(app_token=app_token))
+            self._socket = AsyncSocketModeHandler(self.app, app_token=app_token)
             await self._socket.connect_async()
             logger.info("Slack: connected in Socket Mode")
             return

@@ -19,6 +19,7 @@ from bot.config import BotConfig
 from bot.slack_adapter import SETTINGS_COMMAND, STORY_COMMAND
 from bot.slack_render import CANCEL, CONTINUE, REGENERATE, SlackLimits, escape
 from storygen.config import Secret
+from storygen.errors import ConfigError
 from tests.conftest import tiny_config
 from tests.fakes.bolt_http import FORM, SlackSender
 from tests.fakes.fake_slack import fake_slack  # noqa: F401  (fixture)
@@ -159,7 +160,8 @@ async def test_only_the_requester_can_cancel(fake_slack, slack, service, gate): 
                          ids=["wrong-secret", "forged", "replayed-old-timestamp"])
 async def test_unverified_requests_are_401_and_start_nothing(fake_slack, slack, service, tamper):  # noqa: F811
     delivery = await slack.slash_command(fake_slack.slash_command("drama Tale length=5"), **tamper)
-    assert delivery.status == 401 and len(fake_slack.calls) == 0 and service.worker.queue_depth() == 0
+    assert delivery.status == 401 and service.worker.queue_depth() == 0
+    assert [c.method for c in fake_slack.calls] == ["auth.test"]  # the front-end's own check at start-up
 
 
 async def test_redeliveries_never_start_a_second_story(fake_slack, slack):  # noqa: F811
@@ -194,6 +196,14 @@ async def test_socket_mode_story_buttons_and_duplicate_envelopes(fake_slack, fro
     assert click.payload is None
     assert (await ephemeral(fake_slack, BOB)).args["text"] == messages.NOT_YOURS
     assert len(fake_slack.calls_to("chat.postMessage")) == 1
+
+
+@pytest.mark.parametrize("mode, method, key", [("http", "auth.test", "SLACK_BOT_TOKEN"),
+                                               ("socket", "apps.connections.open", "SLACK_APP_TOKEN")])
+async def test_a_refused_token_fails_at_start_up_naming_it(fake_slack, frontends, mode, method, key):  # noqa: F811
+    fake_slack.fail_next(method, "invalid_auth")
+    with pytest.raises(ConfigError, match=f"Slack refused {key} \\(invalid_auth\\)"):
+        await frontends(mode)
 
 
 # ---- python -m bot
