@@ -136,6 +136,11 @@ async def test_continue_and_regenerate_buttons(fake_slack, slack, service):  # n
     again = service.state.story(request_id_of(await finished(fake_slack, 3)))
     assert again.user_key == f"slack:{TEAM_ID}:{BOB}" and again.prompt == "The butler smiled"
 
+    typed = await slack.slash_command(fake_slack.slash_command("continue", user_id=BOB))  # Bob's latest story here
+    assert queued_or_writing(typed.text)
+    bobs = service.state.story(request_id_of(await finished(fake_slack, 4)))
+    assert bobs.text.startswith(again.text) and bobs.user_key == again.user_key
+
 
 async def test_only_the_requester_can_cancel(fake_slack, slack, service, gate):  # noqa: F811
     gate.open.clear()
