@@ -38,6 +38,14 @@ ADMIN_ONLY = "Only members with Manage Server can change the server's story sett
 ADMIN_SAVED = "Server story settings saved:"
 STORY_FOOTER = "{genre} · {tokens} tokens · seed {seed}{ending}"
 ENDING_CUT = " · trimmed at the length limit"
+STORY_CANCELLED = "🛑 cancelled"
+STORY_STOPPED = "⚠️ stopped before the end"
+STORY_ATTACHED = "📎 This story is too long for a message: the whole of it is in a file in this message's thread."
+REQUESTED_BY = "for {user}"
+BUTTON_CONTINUE = "Continue"
+BUTTON_REGENERATE = "Regenerate"
+BUTTON_CANCEL = "Cancel"
+CANT_POST = "I can't post in this channel; invite me with `/invite @StoryBot`, or use `/story` in a channel I'm in."
 
 
 def plural(n: int, word: str = "story", many: str = "stories") -> str:
