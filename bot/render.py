@@ -1,8 +1,4 @@
-"""Text shaping every chat front-end needs: cut a long story into messages that fit.
-
-Platform-neutral: Discord calls `split_text(text, 4096)` for embed pages, Slack the
-same with its own limit. Platform-specific escaping stays in each adapter.
-"""
+"""Platform-neutral text rendering: cut a long story into pieces a chat message can hold."""
 
 from __future__ import annotations
 
@@ -11,20 +7,20 @@ import re
 
 logger = logging.getLogger(__name__)
 
-# Where a cut may go, best first. Each pattern matches the separator; the text before
-# it ends one piece and the text after it starts the next.
-_PARAGRAPH = re.compile(r"\n[ \t]*\n\s*")
-_LINE = re.compile(r"\n\s*")
-_SENTENCE = re.compile(r"(?<=[.!?…])[\"'”’)\]]*\s+")
-_WORD = re.compile(r"\s+")
+# Where a piece may end, best first. Each pattern matches the whitespace after a boundary.
+_BOUNDARIES = (
+    re.compile(r"\n\s*\n\s*"),  # a paragraph
+    re.compile(r"(?<=[.!?…])[\"'”’)\]]*\s+"),  # a sentence (with its closing quotes or brackets)
+    re.compile(r"\s+"),  # a word
+)
 
 
 def split_text(text: str, limit: int) -> list[str]:
-    """Cut `text` into pieces of at most `limit` characters, at paragraph, then line,
-    then sentence, then word boundaries; a single word longer than `limit` is cut hard.
+    """Cut `text` into pieces of at most `limit` characters, at paragraph, then sentence,
+    then word boundaries; a word longer than `limit` is cut where it must be.
 
-    Whitespace at a cut is dropped; nothing else is. A boundary in the first half of a
-    piece is passed over for a weaker one later on, so no piece is needlessly short.
+    The whitespace at each cut is dropped, so every piece is non-empty and
+    `" ".join(pieces).split() == text.split()`.
     """
     if limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
@@ -40,17 +36,21 @@ def split_text(text: str, limit: int) -> list[str]:
 
 
 def _cut(text: str, limit: int) -> tuple[int, int]:
-    """(end of this piece, start of the next) at the best boundary within `limit`."""
-    window = text[: limit + 1]  # a separator may start right at the limit
-    for pattern, earliest in ((_PARAGRAPH, limit // 2), (_LINE, limit // 2), (_SENTENCE, limit // 2), (_WORD, 1)):
-        cuts = [(_end_of_piece(m), m.end()) for m in pattern.finditer(window)]
-        cuts = [(end, start) for end, start in cuts if earliest <= end <= limit]
-        if cuts:
-            return cuts[-1]
+    """(end of this piece, start of the next) for the best boundary within `limit`."""
+    for pattern in _BOUNDARIES:
+        # Prefer a coarse boundary only if it does not leave a piece under half full.
+        least = limit // 2 if pattern is not _BOUNDARIES[-1] else 1
+        best = None
+        for match in pattern.finditer(text, 0, limit + 1):
+            if match.start() > limit:
+                break
+            if match.start() >= least:
+                best = match
+        if best is not None:
+            if pattern is _BOUNDARIES[1]:
+                end = best.start() + len(best.group().rstrip())  # keep the closing quote with its sentence
+                if end > limit:
+                    continue
+                return end, best.end()
+            return best.start(), best.end()
     return limit, limit
-
-
-def _end_of_piece(match: re.Match[str]) -> int:
-    """A sentence keeps its closing quotes and brackets; other separators are dropped whole."""
-    separator = match.group(0)
-    return match.start() + len(separator) - len(separator.lstrip("\"'”’)]"))

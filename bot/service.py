@@ -88,6 +88,7 @@ class StoryService:
         self.state = state
         self.config = config
         self._active: dict[str, StoryHandle] = {}  # user key -> their latest story in progress
+        self._by_id: dict[str, StoryHandle] = {}  # request id -> story in progress, so a button can cancel any
         self._last_start: dict[str, float] = {}  # user key -> monotonic time of their last story, for cooldowns
 
     # --- stories -----------------------------------------------------------------------------
@@ -101,6 +102,8 @@ class StoryService:
                                command.prompt, effective.params)
         handle = await self.worker.submit(request)
         self._active[ctx.user_key] = handle
+        self._by_id = {rid: h for rid, h in self._by_id.items() if not h.done()}
+        self._by_id[request.request_id] = handle
         self._last_start[ctx.user_key] = time.monotonic()
         logger.info("story %s started for %s in %s", request.request_id, ctx.user_key, ctx.channel_key)
         return Started(handle, request, shown, previous_text)
@@ -147,7 +150,7 @@ class StoryService:
             if handle is None or handle.done():
                 return messages.NOTHING_TO_CANCEL
         else:
-            handle = next((h for h in self._active.values() if h.request_id == request_id), None)
+            handle = self._by_id.get(request_id)
             if handle is not None and handle.user_key != ctx.user_key:
                 raise NotAllowedError(messages.NOT_YOURS)
             stored = self.state.story(request_id)

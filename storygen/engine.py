@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from storygen.kvcache import new_cache, replace_layer, truncate_layer
 from storygen.model import LoadedModel
 from storygen.sampling import RowKnobs, SamplingParams, sample_next
 
@@ -68,9 +69,10 @@ class SequenceError(Exception):
 class Engine:
     """Owns the model's running batch. Not thread-safe: one thread calls it."""
 
-    def __init__(self, lm: LoadedModel, max_batch: int) -> None:
+    def __init__(self, lm: LoadedModel, max_batch: int, append_cache: bool = True) -> None:
         self.lm = lm
         self.max_batch = max_batch
+        self.append_cache = append_cache  # in-place KV appends (kvcache.py); False: transformers' torch.cat
         self.rows: list[Sequence] = []  # the running batch, in cache order
         self._cache: DynamicCache | None = None
         self._mask = torch.zeros(0, 0, dtype=torch.long, device=lm.device)  # (B, T): 0 where left-padded
@@ -171,7 +173,7 @@ class Engine:
                              f"model's {self.lm.max_positions} positions")
         device = self.lm.device
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # (1, L)
-        cache = DynamicCache(config=self.lm.model.config)
+        cache = new_cache(self.lm.model.config) if self.append_cache else DynamicCache(config=self.lm.model.config)
         out = self.lm.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         seen = torch.zeros(1, self.lm.vocab_size, dtype=torch.bool, device=device)
         seen[0, input_ids[0]] = True
@@ -194,8 +196,8 @@ class Engine:
             self._cache = cache
         else:
             for mine, theirs in zip(self._cache.layers, cache.layers):
-                mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)], dim=0)
-                mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)], dim=0)
+                replace_layer(mine, torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)], dim=0),
+                              torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)], dim=0))
         row_mask = self._mask.new_ones(1, length)
         self._mask = torch.cat([_pad_left(self._mask, width, dim=1), _pad_left(row_mask, width, dim=1)], dim=0)
         self._padded = self._padded or T != length
@@ -215,16 +217,13 @@ class Engine:
             return
         index = torch.tensor(keep, device=self.lm.device)
         self.rows = [self.rows[i] for i in keep]
-        self._cache.batch_select_indices(index)
         self._mask, self._positions = self._mask[index], self._positions[index]
         self._next, self._seen = self._next[index], self._seen[index]
         self._set_knobs()
-        used = self._mask.any(dim=0)  # (T,) columns some row still attends to
-        first = int(used.to(torch.int8).argmax())
-        if first > 0:
-            self._mask = self._mask[:, first:]
-            for layer in self._cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+        first = int(self._mask.any(dim=0).to(torch.int8).argmax())  # columns before it: padding in every row
+        self._mask = self._mask[:, first:]
+        for layer in self._cache.layers:
+            replace_layer(layer, layer.keys[index, :, first:], layer.values[index, :, first:])
         self._padded = not bool(self._mask.all())
 
     def _set_knobs(self) -> None:
@@ -233,7 +232,7 @@ class Engine:
 
     def _crop(self, length: int) -> None:
         for layer in self._cache.layers:
-            layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
+            truncate_layer(layer, length)
 
     def _seen_or_none(self) -> torch.Tensor | None:
         return self._seen if self._penalise else None

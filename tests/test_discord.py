@@ -376,7 +376,7 @@ async def test_cancel_by_the_requester_and_refused_to_others(fake_discord, bot, 
     assert await line(fake_discord, click) == "🛑 Cancelled your story."
     model.release()
     ended = await fake_discord.wait_for(lambda r: r.route == EDIT and payload["token"] in r.path
-                                        and r.json["content"] == "🛑 Cancelled.")
+                                        and r.json["content"] == "🛑 cancelled")
     assert custom_ids(ended.json) == []  # nothing left to press
 
     model.hold()
@@ -386,7 +386,7 @@ async def test_cancel_by_the_requester_and_refused_to_others(fake_discord, bot, 
     assert await line(fake_discord, await run(fake_discord, "cancel")) == "🛑 Cancelled your story."
     model.release()
     await fake_discord.wait_for(lambda r: r.route == EDIT and again["token"] in r.path
-                                and r.json["content"] == "🛑 Cancelled.")
+                                and r.json["content"] == "🛑 cancelled")
 
 
 async def test_gateway_outages_mid_story_lose_nothing(fake_discord, scripted_lm, model, tmp_path):

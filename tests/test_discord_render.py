@@ -47,7 +47,7 @@ def test_a_long_story_is_pages_then_a_file():
 @pytest.mark.parametrize("state, status, content, buttons", [
     ("queued", "⏳ queued, #2 in line (about 3 s)", "⏳ queued, #2 in line (about 3 s)", ["story:cancel:abc123"]),
     ("writing", "", "✍️ writing… 14 characters so far", ["story:cancel:abc123"]),
-    ("cancelled", "", "🛑 Cancelled.", []),
+    ("cancelled", "", "🛑 cancelled", []),
     ("failed", "Story generation failed (ref 1a2b)", "⚠️ Story generation failed (ref 1a2b)", []),
 ])
 def test_a_story_on_its_way(state, status, content, buttons):

@@ -115,6 +115,23 @@ def test_prompt_too_long_for_the_model_fails_only_that_sequence(tiny_lms):
     engine = Engine(lm, 2)
     engine.start(Sequence("ok", _prompts(lm)[0], SamplingParams(length=5, greedy=True)))
     with pytest.raises(SequenceError):
-        engine.start(Sequence("long", [5] * 600, SamplingParams(length=5)))
+        engine.start(Sequence("long", [5] * 2100, SamplingParams(length=5)))
     assert [s.seq_id for s in engine.rows] == ["ok"]
     engine.step()
+
+
+def test_in_place_cache_matches_transformers_cache(tiny_lms):
+    lm = tiny_lms["instruct"]
+    results = []
+    for append in (True, False):
+        engine = Engine(lm, 3, append_cache=append)
+        seqs = [Sequence(f"s{i}", ids, SamplingParams(length=70 + 13 * i, greedy=True, repetition_penalty=1.0))
+                for i, ids in enumerate(_prompts(lm)[:4])]
+        waiting = list(seqs)
+        while waiting or engine.rows:
+            while waiting and engine.free_slots:
+                engine.start(waiting.pop(0))
+            engine.step()
+        results.append([s.generated for s in seqs])
+    assert results[0] == results[1]
+    assert max(len(g) for g in results[0]) > 64  # the in-place buffers grew past their first spare room

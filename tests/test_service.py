@@ -76,3 +76,9 @@ async def test_queue_status(story_service):
     await story_service.story(ALICE, StoryCommand("Tale", "drama", {"length": 300}))
     status = story_service.queue(ALICE)
     assert "being written now" in status or "in line" in status
+
+
+async def test_any_story_in_progress_can_be_cancelled_by_id(story_service):
+    first = await story_service.story(ALICE, StoryCommand("A long tale", "drama", {"length": 300}))
+    await story_service.story(ALICE, StoryCommand("Another tale", "drama", {"length": 300}))
+    assert story_service.cancel(ALICE, first.request.request_id) == "🛑 Cancelled your story."

@@ -1,0 +1,35 @@
+import pytest
+
+from bot.config import BotConfig
+from storygen.config import Env
+from storygen.errors import ConfigError
+
+
+def _config(**values):
+    return BotConfig.from_env(Env(values, env_file=None))
+
+
+@pytest.mark.parametrize("values, fragment", [
+    ({}, "no chat platform configured"),
+    ({"SLACK_BOT_TOKEN": "abc"}, "SLACK_BOT_TOKEN must be a bot token starting with xoxb-"),
+    ({"SLACK_BOT_TOKEN": "xoxb-1", "SLACK_MODE": "socket"}, "Socket Mode needs SLACK_APP_TOKEN"),
+    ({"SLACK_BOT_TOKEN": "xoxb-1"}, "HTTP mode needs SLACK_SIGNING_SECRET"),
+    ({"DISCORD_TOKEN": "t", "DISCORD_API_URL": "discord.com"}, "DISCORD_API_URL='discord.com' is not a http"),
+    ({"DISCORD_TOKEN": "t", "DISCORD_GATEWAY_URL": "https://x"}, "is not a ws:// or wss:// URL"),
+    ({"DISCORD_TOKEN": "t", "DISCORD_GUILD_IDS": "12,abc"}, "DISCORD_GUILD_IDS='12,abc' must be numeric ids"),
+    ({"DISCORD_TOKEN": "t", "SLACK_HTTP_PORT": "99999"}, "SLACK_HTTP_PORT='99999' is out of range"),
+])
+def test_operator_mistakes_are_named(values, fragment):
+    with pytest.raises(ConfigError) as caught:
+        _config(**values)
+    assert fragment in str(caught.value)
+
+
+def test_modes_and_masking():
+    config = _config(DISCORD_TOKEN="secret.token", SLACK_BOT_TOKEN="xoxb-1", SLACK_APP_TOKEN="xapp-2",
+                     DISCORD_GUILD_IDS="1, 2")
+    assert config.discord_enabled and config.slack_enabled and config.slack_socket_mode
+    assert config.discord_guild_ids == (1, 2)
+    assert "secret.token" not in repr(config) and "xoxb-1" not in repr(config)
+    http = _config(SLACK_BOT_TOKEN="xoxb-1", SLACK_SIGNING_SECRET="s")
+    assert not http.slack_socket_mode and http.slack_http_path == "/slack/events"
