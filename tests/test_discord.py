@@ -20,7 +20,7 @@ from bot.discord_delivery import TOKEN_TTL_S
 from bot.service import StoryService
 from bot.state import BotState
 from storygen.config import Env, Secret, StorygenConfig
-from storygen.errors import UnknownGenreError
+from storygen.errors import ConfigError, UnknownGenreError
 from storygen.settings import SettingsStore
 from storygen.worker import Worker
 from tests.conftest import tiny_config
@@ -570,3 +570,17 @@ async def test_python_m_bot_serves_discord_from_the_environment(fake_discord, sc
     stop.set()
     await asyncio.wait_for(serving, 10)
     assert done["embeds"][0]["description"] == f"After discovering time travel {STORY}"
+
+
+async def test_a_refused_token_fails_start_with_one_line(fake_discord, scripted_lm, tmp_path):
+    config = tiny_config(scripted_lm.name, "instruct", tmp_path)
+    settings, state = SettingsStore(config.settings_db), BotState(config.settings_db)
+    bot_config = BotConfig(discord_token=Secret("not-the-token"), discord_api_url=fake_discord.api_url,
+                           discord_gateway_url=fake_discord.gateway_url)
+    front = DiscordFrontEnd(StoryService(Worker(scripted_lm, config), settings, state, config), bot_config)
+    with pytest.raises(ConfigError, match="DISCORD_TOKEN was refused by Discord"):
+        await front.start()
+    await front.stop()
+    settings.close()
+    state.close()
+    assert "not-the-token" not in repr(bot_config)
