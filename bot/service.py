@@ -121,17 +121,23 @@ class StoryService:
         return await self._continue(ctx, stored)
 
     async def regenerate(self, ctx: ChatContext, request_id: str) -> Started:
+        """Write the same story again with a new seed; for a continuation, the same continuation."""
         stored = self.state.story(request_id)
         if stored is None:
             raise NotAllowedError(messages.STORY_GONE)
+        if stored.base_text:
+            return await self._continue_from(ctx, stored.base_text, stored.genre, stored.overrides)
         overrides = {k: v for k, v in stored.overrides.items() if k != "seed"}  # a new seed: a new story
         return await self.story(ctx, StoryCommand(stored.prompt, stored.genre, overrides))
 
     async def _continue(self, ctx: ChatContext, stored: StoredStory) -> Started:
-        tail = _tail(stored.text, CONTINUE_TAIL_CHARS)
+        return await self._continue_from(ctx, stored.text, stored.genre, stored.overrides)
+
+    async def _continue_from(self, ctx: ChatContext, text: str, genre: str, overrides: dict) -> Started:
+        tail = _tail(text, CONTINUE_TAIL_CHARS)
         shown, _ = to_opening(tail, self.config.max_prompt_chars)
-        command = StoryCommand(tail, stored.genre, {k: v for k, v in stored.overrides.items() if k != "seed"})
-        return await self.story(ctx, command, shown=shown, previous_text=stored.text)
+        command = StoryCommand(tail, genre, {k: v for k, v in overrides.items() if k != "seed"})
+        return await self.story(ctx, command, shown=shown, previous_text=text)
 
     def record(self, ctx: ChatContext, started: Started, story: Story, prompt: str | None = None) -> None:
         """Keep a finished story so Continue and Regenerate work, across restarts too."""
@@ -139,7 +145,7 @@ class StoryService:
         request = started.request
         overrides = dict(request.params.__dict__)  # Regenerate reuses them, with a new seed
         self.state.save_story(StoredStory(request.request_id, ctx.user_key, ctx.channel_key, story.genre,
-                                          prompt or request.prompt, overrides, text))
+                                          prompt or request.prompt, overrides, text, started.previous_text))
 
     # --- cancel and queue ----------------------------------------------------------------------
 

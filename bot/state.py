@@ -29,6 +29,7 @@ class StoredStory:
     prompt: str  # the opening the user typed (for Regenerate)
     overrides: dict[str, object]
     text: str  # the whole story so far (grows with Continue)
+    base_text: str = ""  # for a continuation: the story before it (Regenerate continues from here again)
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class BotState:
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS stories (request_id TEXT PRIMARY KEY, user_key TEXT NOT NULL,"
             " channel_key TEXT NOT NULL, genre TEXT NOT NULL, prompt TEXT NOT NULL, overrides TEXT NOT NULL,"
-            " text TEXT NOT NULL, created_at REAL NOT NULL)"
+            " text TEXT NOT NULL, created_at REAL NOT NULL, base_text TEXT NOT NULL DEFAULT '')"
         )
         self._db.execute("CREATE INDEX IF NOT EXISTS stories_by_channel ON stories (channel_key, user_key, created_at)")
         self._db.execute(
@@ -66,9 +67,9 @@ class BotState:
     def save_story(self, story: StoredStory) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO stories VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO stories VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (story.request_id, story.user_key, story.channel_key, story.genre, story.prompt,
-                 json.dumps(story.overrides), story.text, time.time()),
+                 json.dumps(story.overrides), story.text, time.time(), story.base_text),
             )
             self._db.execute(
                 "DELETE FROM stories WHERE channel_key = ? AND request_id NOT IN (SELECT request_id FROM stories"
@@ -79,14 +80,14 @@ class BotState:
     def story(self, request_id: str) -> StoredStory | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT request_id, user_key, channel_key, genre, prompt, overrides, text FROM stories"
+                "SELECT request_id, user_key, channel_key, genre, prompt, overrides, text, base_text FROM stories"
                 " WHERE request_id = ?", (request_id,)).fetchone()
         return _to_story(row)
 
     def last_story(self, user_key: str, channel_key: str) -> StoredStory | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT request_id, user_key, channel_key, genre, prompt, overrides, text FROM stories"
+                "SELECT request_id, user_key, channel_key, genre, prompt, overrides, text, base_text FROM stories"
                 " WHERE user_key = ? AND channel_key = ? ORDER BY created_at DESC LIMIT 1",
                 (user_key, channel_key)).fetchone()
         return _to_story(row)
@@ -110,5 +111,5 @@ class BotState:
 def _to_story(row: tuple | None) -> StoredStory | None:
     if row is None:
         return None
-    request_id, user_key, channel_key, genre, prompt, overrides, text = row
-    return StoredStory(request_id, user_key, channel_key, genre, prompt, json.loads(overrides), text)
+    request_id, user_key, channel_key, genre, prompt, overrides, text, base_text = row
+    return StoredStory(request_id, user_key, channel_key, genre, prompt, json.loads(overrides), text, base_text)

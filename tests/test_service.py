@@ -23,6 +23,9 @@ async def test_story_continue_and_regenerate(story_service):
     again = await story_service.regenerate(ALICE, started.request.request_id)
     assert again.request.prompt == "Once upon a time" and again.request.params.length == 20
     await again.handle
+    reroll = await story_service.regenerate(ALICE, more.request.request_id)  # the continuation, again
+    assert reroll.previous_text == story.text and reroll.shown == more.shown
+    await reroll.handle
 
 
 async def test_continue_without_a_story(story_service):
