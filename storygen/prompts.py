@@ -172,9 +172,6 @@ def encode_template_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-_OPENING = "\uE000OPENING\uE000"  # a private-use placeholder no user text reaches (cleaned in to_opening)
-
-
 def build_prompt(spec: FormatSpec, tokenizer: PreTrainedTokenizerBase, genre: Genre, opening: str) -> list[int]:
     """Token ids for the model: the format's framing, then the user's opening, safely encoded."""
     spec.check_genre(genre)
@@ -183,17 +180,15 @@ def build_prompt(spec: FormatSpec, tokenizer: PreTrainedTokenizerBase, genre: Ge
         head = f"{spec.bos_token} {spec.genre_token.format(genre=genre.name)}"
         return encode_template_text(tokenizer, head) + encode_user_text(tokenizer, " " + opening)
     if spec.format == "instruct":
+        # Kept short on purpose: every prompt token is prefill work, which batching does not
+        # amortise on a CPU. The assistant turn is pre-filled with the opening, so the model
+        # carries on from it rather than describing it.
         messages = [
-            {"role": "system", "content": "You are a gifted storyteller who writes vivid, complete short stories."},
-            {"role": "user", "content": (
-                f"Write a short {genre.label} story ({genre.description}) in plain prose, without a title. "
-                f"It begins with these words: {_OPENING}"
-            )},
+            {"role": "system", "content": "You are a storyteller."},
+            {"role": "user", "content": f"Write a short {genre.label} story."},
         ]
         rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        before, after = rendered.split(_OPENING)
-        return (encode_template_text(tokenizer, before) + encode_user_text(tokenizer, opening)
-                + encode_template_text(tokenizer, after) + encode_user_text(tokenizer, opening))
+        return encode_template_text(tokenizer, rendered) + encode_user_text(tokenizer, opening)
     preamble = f"A {genre.label} story. {genre.description}\n\n"
     return encode_template_text(tokenizer, preamble) + encode_user_text(tokenizer, opening)
 
