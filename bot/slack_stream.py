@@ -52,6 +52,11 @@ class StoryMessages:
 
     async def show(self, view: StoryView) -> None:
         pages = to_slack_blocks(view, self.limits)
+        # Surplus messages go first (a story that shrank when its dangling end was trimmed, or
+        # became a preview), so the edit that shows the buttons is the last thing a reader sees.
+        for ts, _ in self._shown[len(pages):]:
+            await self.client.chat_delete(channel=self.channel, ts=ts)
+        del self._shown[len(pages):]
         for i, page in enumerate(pages):
             if i < len(self._shown):
                 ts, old = self._shown[i]
@@ -61,9 +66,6 @@ class StoryMessages:
             else:
                 posted = await self.client.chat_postMessage(channel=self.channel, text=page.text, blocks=page.blocks)
                 self._shown.append((posted["ts"], page))
-        for ts, _ in self._shown[len(pages):]:  # a story that became a preview needs fewer messages
-            await self.client.chat_delete(channel=self.channel, ts=ts)
-        del self._shown[len(pages):]
 
     async def attach(self, text: str, request_id: str) -> None:
         """The whole story as a text file in the thread of its first message."""

@@ -100,33 +100,44 @@ def _opening_as_encoded(lm: LoadedModel, opening: str) -> str:
 
 
 class TextStream:
-    """Generated tokens in, new text out, never splitting a multi-byte character."""
+    """Generated tokens in, new text out, never splitting a multi-byte character.
+
+    Incremental, as vLLM detokenizes: only a few tokens before the new one are decoded
+    each time (enough for the tokenizer to place spaces right), so a token costs the
+    same at the end of a long story as at the start.
+    """
+
+    _CONTEXT = 5  # tokens decoded before the new ones, for spacing
 
     def __init__(self, lm: LoadedModel, prepared: PreparedStory) -> None:
         self._tokenizer = lm.tokenizer
-        self._head = prepared.prompt_ids[len(prepared.prompt_ids) - prepared.opening_tokens:]
-        self._head_text = self._decode([])
-        self._ids: list[int] = []
+        # Start from the opening's tokens: some tokenizers (SentencePiece) drop the leading
+        # space of a token decoded alone, so the first new token needs its left context.
+        self._ids = prepared.prompt_ids[len(prepared.prompt_ids) - prepared.opening_tokens:]
+        self._head = len(self._ids)
+        self._read = len(self._ids)  # tokens up to here are emitted
+        self._prefix = max(0, self._read - self._CONTEXT)  # decoding starts here
         self.text = ""  # the continuation so far, as emitted
 
     def _decode(self, ids: list[int]) -> str:
-        # Decoding the opening's tokens with the continuation keeps word-joining spaces right
-        # for tokenizers (SentencePiece) that drop a leading space when decoding alone.
-        return self._tokenizer.decode(self._head + ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)
-        full = self._decode(self._ids)
-        if full.endswith("\ufffd") or not full.startswith(self._head_text):
-            return ""  # half a character so far; wait for the rest
-        text = full[len(self._head_text):]
-        delta = text[len(self.text):] if text.startswith(self.text) else ""
-        self.text = text
+        before = self._decode(self._ids[self._prefix:self._read])
+        after = self._decode(self._ids[self._prefix:])
+        if len(after) <= len(before) or after.endswith("\ufffd") or not after.startswith(before):
+            return ""  # nothing printable yet, or half a character: wait for the next token
+        delta = after[len(before):]
+        self._prefix, self._read = self._read, len(self._ids)
+        self.text += delta
         return delta
 
     def final_text(self) -> str:
+        """The whole continuation, decoded at once."""
+        head = self._decode(self._ids[:self._head])
         full = self._decode(self._ids)
-        return full[len(self._head_text):] if full.startswith(self._head_text) else self.text
+        return full[len(head):] if full.startswith(head) else self._decode(self._ids[self._head:])
 
 
 def finish(lm: LoadedModel, prepared: PreparedStory, seq: Sequence, stream: TextStream,

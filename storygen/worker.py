@@ -93,6 +93,11 @@ class StoryHandle:
         self._chunks.put_nowait(None)
 
 
+def _fan_out(chunks: list[tuple[StoryHandle, str]]) -> None:
+    for handle, text in chunks:
+        handle._chunk(text)
+
+
 @dataclass
 class _Job:
     prepared: PreparedStory
@@ -299,21 +304,24 @@ class Worker:
 
     def _deliver(self, outputs: list[StepOutput]) -> None:
         now = time.monotonic()
-        tokens = 0
-        for out in outputs:
-            job = self._jobs[out.seq_id]
-            if out.token_id is not None:
-                tokens += 1
-                if job.first_token is None:
-                    job.first_token = now
-                    self.metrics.observe_ttft(now - job.submitted)
-                with self._tokenizer_lock:
-                    delta = job.stream.push(out.token_id)
-                if delta:
-                    self._loop.call_soon_threadsafe(job.handle._chunk, delta)
-            if out.finish_reason is not None:
-                self._complete(job, now)
-        self.metrics.tokens(tokens)
+        chunks: list[tuple[StoryHandle, str]] = []
+        finished: list[_Job] = []
+        with self._tokenizer_lock:
+            for out in outputs:
+                job = self._jobs[out.seq_id]
+                if out.token_id is not None:
+                    if job.first_token is None:
+                        job.first_token = now
+                        self.metrics.observe_ttft(now - job.submitted)
+                    if delta := job.stream.push(out.token_id):
+                        chunks.append((job.handle, delta))
+                if out.finish_reason is not None:
+                    finished.append(job)
+        if chunks:  # one wake-up of the event loop per step, not one per row
+            self._loop.call_soon_threadsafe(_fan_out, chunks)
+        self.metrics.tokens(sum(out.token_id is not None for out in outputs))
+        for job in finished:
+            self._complete(job, now)
 
     def _complete(self, job: _Job, now: float) -> None:
         job.timings = {"queued_s": (job.first_token or now) - job.submitted, "total_s": now - job.submitted,
