@@ -65,10 +65,11 @@ def _unpack(blocks: list[dict[str, list[int]]]) -> list[list[int]]:
         for segment in segments:
             if segment[0] == 1:  # a story starts: <BOS> <genre> …
                 stories.append(segment)
-            elif segment[0] in (10, 11, 12):  # a continuation opens with its carried genre tag
+            elif segment[0] in (10, 11, 12):  # a continuation: carried genre tag, then the token before the cut
                 assert stories and stories[-1][1] == segment[0], "continuation without its own genre tag"
                 assert stories[-1][-1] != 2, "continuation of a story that had ended"
-                stories[-1] += segment[1:]
+                assert segment[1] == stories[-1][-1], "continuation does not resume at the cut"
+                stories[-1] += segment[2:]
             else:
                 assert set(segment) == {0}, "only padding may start without a tag"
     return stories
@@ -86,9 +87,14 @@ def test_packing_invariants(block_size: int, seed: int) -> None:
     labels = [label for b in blocks for label in b["labels"]]
     tokens = [token for b in blocks for token in b["input_ids"]]
     assert labels.count(2) == len(stories)  # every EOS is in the loss
-    for token, label in zip(tokens, labels):
-        # Only <BOS>, tags and padding are unlearned; everything else is its own label.
-        assert label == (IGNORE if token in (0, 1, 10, 11, 12) else token)
+    positions = [p for b in blocks for p in b["position_ids"]]
+    for i, (token, label) in enumerate(zip(tokens, labels)):
+        # Unlearned: <BOS>, tags, padding, and the context token right after a carried tag.
+        after_carried_tag = positions[i] == 1 and tokens[i - 1] in (10, 11, 12)
+        unlearned = token in (0, 1, 10, 11, 12) or after_carried_tag
+        assert label == (IGNORE if unlearned else token)
+    learned = [label for label in labels if label != IGNORE]
+    assert learned == [t for s in stories for t in s.ids[2:]]  # each story token learned exactly once
 
 
 def test_labels_come_from_masks_even_when_pad_is_eos() -> None:
@@ -102,8 +108,9 @@ def test_labels_come_from_masks_even_when_pad_is_eos() -> None:
 def test_story_that_spills_carries_its_tag() -> None:
     stories = [EncodedStory([1, 10, 50, 51, 52, 53, 2], 10), EncodedStory([1, 11, 60, 2], 11)]
     blocks = pack(stories, block_size=5, pad_id=0)
-    assert [b["input_ids"] for b in blocks] == [[1, 10, 50, 51, 52], [10, 53, 2, 0, 0], [1, 11, 60, 2, 0]]
-    assert blocks[1]["labels"] == [IGNORE, 53, 2, IGNORE, IGNORE]
+    assert [b["input_ids"] for b in blocks] == [[1, 10, 50, 51, 52], [10, 52, 53, 2, 0], [1, 11, 60, 2, 0]]
+    assert blocks[1]["labels"] == [IGNORE, IGNORE, 53, 2, IGNORE]
+    assert blocks[1]["position_ids"] == [0, 1, 2, 3, 0]
 
 
 def test_encode_stories_matches_tagged_text(tagged) -> None:  # noqa: ANN001

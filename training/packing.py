@@ -2,7 +2,10 @@
 
 Stories are laid end to end. A story that does not fit in what is left of a block is not cut short:
 it goes on in the next block, which starts with the story's genre tag again, so every token is
-trained with its genre in view. Each block carries:
+trained with its genre in view. The tag is followed by the last token of the previous block, as
+context only: otherwise the model would be taught to predict a mid-sentence fragment right after a
+bare genre tag, and would start stories mid-sentence when prompted with `<BOS> <genre>`.
+Each block carries:
 
 - input_ids     (block_size,)  the tokens; the last block is padded with the pad id
 - labels        (block_size,)  the token where it is learned, -100 elsewhere. Built from a mask, never
@@ -33,6 +36,7 @@ logger = logging.getLogger(__name__)
 IGNORE = -100  # the label value transformers' loss skips
 _PROMPT_TOKENS = 2  # <BOS> <genre>
 _MIN_START_ROOM = _PROMPT_TOKENS + 1  # don't open a story in a block with no room for its first word
+_CARRIED = 2  # a continuation opens with <genre> and the token before the cut, neither learned
 
 
 @dataclass(frozen=True)
@@ -91,8 +95,8 @@ class _BlockBuilder:
 
 def pack(stories: list[EncodedStory], block_size: int, pad_id: int) -> list[dict[str, list[int]]]:
     """Lay stories end to end in blocks of block_size; a spilling story re-carries its genre tag."""
-    if block_size < _MIN_START_ROOM + 1:
-        raise ValueError(f"block_size {block_size} is too small; use at least {_MIN_START_ROOM + 1}")
+    if block_size <= _CARRIED + 1:
+        raise ValueError(f"block_size {block_size} is too small; use at least {_CARRIED + 2}")
     builder = _BlockBuilder(block_size, pad_id)
     for story in stories:
         if builder.room < _MIN_START_ROOM:
@@ -107,8 +111,8 @@ def pack(stories: list[EncodedStory], block_size: int, pad_id: int) -> list[dict
                 break
             # The story spills: it goes on in a fresh block that opens with its genre tag.
             builder.flush()
-            builder.add([story.genre_id], [False], 0)
-            position = 1
+            builder.add([story.genre_id, story.ids[start - 1]], [False] * _CARRIED, 0)
+            position = _CARRIED
     builder.flush()
     return builder.blocks
 

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers import (
+    PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, TrainerControl, TrainerState, TrainingArguments,
+)
 
 from training.genres import BOS_TOKEN, genre_token
 
@@ -99,7 +101,10 @@ class SampleCallback(TrainerCallback):
         self.tokenizer, self.genres, self.out_dir = tokenizer, genres, out_dir
         self.every, self.max_new_tokens, self.seed = every, max_new_tokens, seed
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001 (Trainer's signature)
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+        model: PreTrainedModel | None = None, **kwargs: object,
+    ) -> None:
         if self.every <= 0 or state.global_step % self.every or not state.is_world_process_zero:
             return
         samples = genre_samples(model, self.tokenizer, self.genres, 1, self.max_new_tokens, self.seed)

@@ -11,12 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import HfArgumentParser, TrainerCallback, TrainingArguments, default_data_collator, set_seed
+from transformers import (
+    HfArgumentParser, TrainerCallback, TrainerControl, TrainerState, TrainingArguments, default_data_collator, set_seed,
+)
 
 from training.checkpoints import STAGING, AtomicCheckpointTrainer, discard_partial, latest_checkpoint, publish
 from training.errors import TrainingError
@@ -72,10 +75,14 @@ class TimeBudgetCallback(TrainerCallback):
         self.seconds = minutes * 60
         self.start = time.monotonic()
 
-    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001 (Trainer's signature)
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: object
+    ) -> None:
         self.start = time.monotonic()
 
-    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: object
+    ) -> TrainerControl:
         if self.seconds > 0 and time.monotonic() - self.start >= self.seconds:
             logger.info("time budget of %.1f minutes spent at step %d; saving and stopping",
                         self.seconds / 60, state.global_step)
@@ -87,8 +94,10 @@ class TimeBudgetCallback(TrainerCallback):
 def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> Path:
     """Train; returns the final directory. `callbacks` are extra Trainer callbacks (tests use them)."""
     (args,) = HfArgumentParser(TrainArguments).parse_args_into_dataclasses(args=argv)
-    train_records, validation_records = load_split(args.data, "train"), load_split(args.data, "validation")
+    train_records = load_split(args.data, "train")
     genres = sorted({r["genre"] for r in train_records})
+    # A genre seen only in validation gets no token: the model could not have learned it.
+    validation_records = [r for r in load_split(args.data, "validation") if r["genre"] in genres]
     resume_from = _resume_point(args, _data_sha256(args.data))
     set_seed(args.seed)
     model, tokenizer = load_model(args.base)
@@ -140,7 +149,10 @@ def _resume_point(args: TrainArguments, data_sha256: str) -> Path | None:
 def _check_same_run(saved: dict, current: dict, out: Path) -> None:
     changed = [k for k in _RESUME_MUST_MATCH if saved.get(k) != current.get(k)]
     if changed:
-        details = ", ".join(f"--{k} was {saved.get(k)!r}, now {current.get(k)!r}" for k in changed)
+        details = ", ".join(
+            f"--{k} was {saved.get(k)!r}, now {current.get(k)!r}" if k != "data_sha256"
+            else "--data: its train.jsonl changed" for k in changed
+        )
         raise TrainingError(f"--resume: {out} was started differently ({details}); "
                             "pass the original values or choose a new --out")
 
@@ -150,7 +162,8 @@ def _data_sha256(data_dir: Path) -> str:
 
 
 def _is_main_process() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    # Read from the launcher's environment: the process group does not exist yet when this runs.
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _training_arguments(args: TrainArguments, has_eval: bool) -> TrainingArguments:
