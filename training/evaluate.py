@@ -65,6 +65,7 @@ def evaluate(args: EvaluateArguments) -> dict:
                     "genres": genres, "settings": asdict(args) | {"out": str(out)}}
     report["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in report["settings"].items()}
     report["perplexity"] = _perplexities(tuned, tuned_tok, base, base_tok, scored, genres, args.max_eval_tokens)
+    logger.info("sampling %d stories per genre from the fine-tuned model", args.samples_per_genre)
     tuned_samples = genre_samples(tuned, tuned_tok, genres, args.samples_per_genre, args.max_new_tokens, args.seed)
     base_samples = _base_samples(base, base_tok, genres, args)
     real = _real_reference(train, genres, args.samples_per_genre, args.seed)
@@ -87,6 +88,7 @@ def _perplexities(
     start = base_tok.bos_token_id if base_tok.bos_token_id is not None else base_tok.eos_token_id
     base_prefix = {g: [start] if start is not None else [] for g in genres}
     records = [r for r in records if r["genre"] in genres]
+    logger.info("scoring %d validation stories with both models", len(records))
     return {
         "base": perplexity_by_genre(base, base_tok, records, base_prefix, max_tokens),
         "fine_tuned": perplexity_by_genre(tuned, tuned_tok, records, tuned_prefix, max_tokens),
@@ -102,6 +104,7 @@ def base_prompt(genre: str) -> str:
 def _base_samples(
     base: PreTrainedModel, base_tok: PreTrainedTokenizerBase, genres: list[str], args: EvaluateArguments
 ) -> list[Sample]:
+    logger.info("sampling %d stories per genre from the base model", args.samples_per_genre)
     samples = []
     for index, genre in enumerate(genres):
         samples += generate(base, base_tok, base_prompt(genre), genre, args.samples_per_genre,
