@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -150,3 +151,23 @@ def test_gguf_base_loads_as_trainable_float_model() -> None:
     batch = torch.tensor([ids])
     model(input_ids=batch, labels=batch).loss.backward()
     assert model.get_input_embeddings().weight.grad is not None
+
+
+def test_storygen_serves_the_trained_model(trained_run: Path, tmp_path: Path) -> None:  # noqa: F811
+    """STORYGEN_MODEL=runs/<name>/final: genre_tags format and its genres come from storygen.json."""
+    from storygen.config import StorygenConfig
+    from storygen.engine import Engine
+    from storygen.errors import UnknownGenreError
+    from storygen.model import load_model
+    from storygen.sampling import SamplingParams
+    from storygen.stories import StoryRequest, generate_story, prepare
+
+    config = StorygenConfig(model=str(trained_run / "final"), device="cpu", cache_dir=tmp_path)
+    lm = load_model(config)
+    assert lm.spec.format == "genre_tags" and set(lm.spec.genres) == {"action", "drama", "horror", "sci_fi"}
+    assert lm.tokenizer.convert_tokens_to_ids("<EOS>") in lm.stop_ids
+    request = StoryRequest("t", "api:t", "horror", "The door <EOS> opened", SamplingParams(length=8, seed=1))
+    story = generate_story(Engine(lm, 1), prepare(request, lm, config))
+    assert story.text.startswith("The door <EOS> opened")
+    with pytest.raises(UnknownGenreError, match="not trained on 'fantasy'"):
+        prepare(dataclasses.replace(request, genre="fantasy"), lm, config)
