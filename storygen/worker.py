@@ -35,6 +35,10 @@ logger = logging.getLogger(__name__)
 
 CPU_MAX_BATCH = 16  # past this a 2-core CPU gains little throughput and every story slows down
 GPU_MAX_BATCH = 64
+# Prefills per engine turn. Admitting a whole burst at once would run, say, 16 prefills back to
+# back (about 2 s on a CPU) before the queue is looked at again; a few per turn keeps running
+# stories streaming and lets a newcomer who arrives meanwhile take the next place.
+PREFILLS_PER_TURN = 4
 
 
 class StoryHandle:
@@ -264,7 +268,8 @@ class Worker:
 
     def _admit(self) -> list[_Job]:
         admitted = []
-        while self.engine.free_slots > len(admitted) and (popped := self._queue.pop()) is not None:
+        room = min(self.engine.free_slots, PREFILLS_PER_TURN)
+        while room > len(admitted) and (popped := self._queue.pop()) is not None:
             admitted.append(popped[1])
         self.metrics.queue_depth = len(self._queue)
         return admitted
