@@ -26,6 +26,7 @@ from storygen.worker import Worker
 from tests.conftest import tiny_config
 from tests.fakes.bolt_http import SlackSender
 from tests.fakes.fake_slack import FakeSlack
+from tests.model_hooks import endless  # noqa: F401  (fixture, re-exported)
 from tests.fakes.workspace import APP_TOKEN, BOT_TOKEN
 
 SECRET = "storybot-slack-test-secret"
@@ -63,19 +64,6 @@ def gate(lm):
     g = Gate(lm.model)
     yield g
     g.close()
-
-
-@pytest.fixture
-def endless(lm):
-    stops = sorted(lm.stop_ids)
-
-    def no_stop(module, inputs, logits):
-        logits[..., stops] = float("-inf")
-        return logits
-
-    hook = lm.model.get_output_embeddings().register_forward_hook(no_stop)
-    yield
-    hook.remove()
 
 
 @pytest_asyncio.fixture

@@ -13,6 +13,7 @@ from storygen.sampling import SamplingParams
 from storygen.stories import StoryRequest, generate_story, prepare
 from storygen.worker import Worker
 from tests.conftest import tiny_config
+from tests.model_hooks import endless  # noqa: F401  (fixture)
 
 GREEDY = SamplingParams(length=20, greedy=True, repetition_penalty=1.0)
 
@@ -38,20 +39,6 @@ class ModelGate:
     def close(self):
         self._hook.remove()
         self.open.set()
-
-
-@pytest.fixture
-def endless(lm):
-    """Stories run to their full length: the output layer never proposes a stop token."""
-    stops = sorted(lm.stop_ids)
-
-    def no_stop(module, inputs, logits):
-        logits[..., stops] = float("-inf")
-        return logits
-
-    hook = lm.model.get_output_embeddings().register_forward_hook(no_stop)
-    yield
-    hook.remove()
 
 
 @pytest.fixture
