@@ -45,7 +45,8 @@ class EvaluateArguments:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    (args,) = HfArgumentParser(EvaluateArguments).parse_args_into_dataclasses(args=argv)
+    parser = HfArgumentParser(EvaluateArguments, prog="python -m training evaluate")
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
     return evaluate(args)
 
 

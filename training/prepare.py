@@ -135,7 +135,8 @@ def load_split(data_dir: Path, split: str) -> list[dict]:
 def main(argv: list[str] | None = None) -> dict:
     from transformers import HfArgumentParser
 
-    (args,) = HfArgumentParser(PrepareArguments).parse_args_into_dataclasses(args=argv)
+    parser = HfArgumentParser(PrepareArguments, prog="python -m training prepare")
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
     stats = prepare(args)
     print(to_markdown(stats))
     return stats

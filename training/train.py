@@ -93,7 +93,8 @@ class TimeBudgetCallback(TrainerCallback):
 
 def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> Path:
     """Train; returns the final directory. `callbacks` are extra Trainer callbacks (tests use them)."""
-    (args,) = HfArgumentParser(TrainArguments).parse_args_into_dataclasses(args=argv)
+    parser = HfArgumentParser(TrainArguments, prog="python -m training train")
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
     train_records = load_split(args.data, "train")
     genres = sorted({r["genre"] for r in train_records})
     # A genre seen only in validation gets no token: the model could not have learned it.
