@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -52,20 +53,28 @@ def fmt(request: pytest.FixtureRequest) -> str:
 from tests.fakes.discord_fixtures import fake_discord  # noqa: E402,F401  (fixture)
 
 
-@pytest.fixture
-async def story_service(tiny_lms, tmp_path):
-    """The bot's shared service on a running worker with the tiny instruct model."""
+@contextlib.asynccontextmanager
+async def running_service(lm: LoadedModel, config: StorygenConfig):
+    """The bot's shared service on a running worker; stopped and closed afterwards."""
     from bot.service import StoryService
     from bot.state import BotState
     from storygen.settings import SettingsStore
     from storygen.worker import Worker
 
-    lm = tiny_lms["instruct"]
-    config = tiny_config(lm.name, "instruct", tmp_path)
     worker = Worker(lm, config)
     await worker.start()
     settings, state = SettingsStore(config.settings_db), BotState(config.settings_db)
-    yield StoryService(worker, settings, state, config)
-    await worker.stop()
-    settings.close()
-    state.close()
+    try:
+        yield StoryService(worker, settings, state, config)
+    finally:
+        await worker.stop()
+        settings.close()
+        state.close()
+
+
+@pytest.fixture
+async def story_service(tiny_lms, tmp_path):
+    """The bot's shared service on a running worker with the tiny instruct model."""
+    lm = tiny_lms["instruct"]
+    async with running_service(lm, tiny_config(lm.name, "instruct", tmp_path)) as service:
+        yield service

@@ -1,5 +1,7 @@
 """Forward hooks on the real tiny model that tests use instead of timing."""
 
+import threading
+
 import pytest
 
 
@@ -15,3 +17,35 @@ def endless(lm):
     hook = lm.model.get_output_embeddings().register_forward_hook(no_stop)
     yield
     hook.remove()
+
+
+class ModelGate:
+    """A forward pre-hook on the real model: records what it is fed, can hold the engine or fail a call."""
+
+    def __init__(self, model):
+        self.seen: list[list[int]] = []
+        self.open = threading.Event()
+        self.open.set()
+        self.entered = threading.Event()  # set once the model has been called
+        self.fail_when = None  # callable(input_ids) -> exception or None
+        self._hook = model.register_forward_pre_hook(self._before, with_kwargs=True)
+
+    def _before(self, module, args, kwargs):
+        ids = kwargs["input_ids"]
+        if ids.shape[1] > 1:
+            self.seen.append(ids[0].tolist())  # prefills: one prompt each
+        self.entered.set()
+        self.open.wait(timeout=30)
+        if self.fail_when is not None and (error := self.fail_when(ids)) is not None:
+            raise error
+
+    def close(self):
+        self._hook.remove()
+        self.open.set()
+
+
+@pytest.fixture
+def gate(lm):
+    g = ModelGate(lm.model)
+    yield g
+    g.close()

@@ -9,49 +9,23 @@ story in progress for as long as a test needs, or makes it fail.
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 import pytest_asyncio
 
 from bot import messages
 from bot.config import BotConfig
-from bot.service import StoryService
 from bot.slack_adapter import SlackFrontEnd
 from bot.slack_render import CONTINUE, escape
-from bot.state import BotState
 from storygen.config import Secret
-from storygen.settings import SettingsStore
-from storygen.worker import Worker
-from tests.conftest import tiny_config
+from tests.conftest import running_service, tiny_config
 from tests.fakes.bolt_http import SlackSender
 from tests.fakes.fake_slack import FakeSlack
-from tests.model_hooks import endless  # noqa: F401  (fixture, re-exported)
 from tests.fakes.workspace import APP_TOKEN, BOT_TOKEN
+from tests.model_hooks import endless, gate  # noqa: F401  (fixtures, re-exported)
 
 SECRET = "storybot-slack-test-secret"
 POSTED = ("chat.postMessage", "chat.update")
-
-
-class Gate:
-    """A forward pre-hook on the tiny model: hold the engine thread, or make the model fail."""
-
-    def __init__(self, model) -> None:
-        self.open = threading.Event()
-        self.open.set()
-        self.entered = threading.Event()
-        self.fail_with: BaseException | None = None
-        self._hook = model.register_forward_pre_hook(self._before)
-
-    def _before(self, module, args):
-        self.entered.set()
-        self.open.wait(timeout=30)
-        if self.fail_with is not None:
-            raise self.fail_with
-
-    def close(self) -> None:
-        self._hook.remove()
-        self.open.set()
 
 
 @pytest.fixture
@@ -59,23 +33,11 @@ def lm(tiny_lms):
     return tiny_lms["instruct"]
 
 
-@pytest.fixture
-def gate(lm):
-    g = Gate(lm.model)
-    yield g
-    g.close()
-
-
 @pytest_asyncio.fixture
 async def service(lm, tmp_path, endless):
     config = tiny_config(lm.name, "instruct", tmp_path, max_batch=1)  # one story at a time: queues form
-    worker = Worker(lm, config)
-    await worker.start()
-    settings, state = SettingsStore(config.settings_db), BotState(config.settings_db)
-    yield StoryService(worker, settings, state, config)
-    await worker.stop()
-    settings.close()
-    state.close()
+    async with running_service(lm, config) as story_service:
+        yield story_service
 
 
 @pytest_asyncio.fixture

@@ -107,7 +107,7 @@ async def test_echoed_prompts_cannot_mention_or_link(fake_slack, slack, service)
 
 
 async def test_a_failure_mid_story_is_an_ephemeral_line_with_a_ref(fake_slack, slack, gate):  # noqa: F811
-    gate.fail_with = RuntimeError("CUDA exploded")
+    gate.fail_when = lambda ids: RuntimeError("CUDA exploded")
     await slack.slash_command(fake_slack.slash_command("drama It began length=10"))
     told = await ephemeral(fake_slack, ALICE)
     assert re.fullmatch(r"Story generation failed \(ref [0-9a-f]{4}\)", told.args["text"])

@@ -1,5 +1,4 @@
 import asyncio
-import threading
 import time
 from dataclasses import replace
 
@@ -13,44 +12,14 @@ from storygen.sampling import SamplingParams
 from storygen.stories import StoryRequest, generate_story, prepare
 from storygen.worker import Worker
 from tests.conftest import tiny_config
-from tests.model_hooks import endless  # noqa: F401  (fixture)
+from tests.model_hooks import endless, gate  # noqa: F401  (fixtures)
 
 GREEDY = SamplingParams(length=20, greedy=True, repetition_penalty=1.0)
-
-
-class ModelGate:
-    """A forward pre-hook on the real model: records what it is fed, can hold the engine or fail a call."""
-
-    def __init__(self, model):
-        self.seen: list[list[int]] = []
-        self.open = threading.Event()
-        self.open.set()
-        self.fail_when = None  # callable(input_ids) -> exception or None
-        self._hook = model.register_forward_pre_hook(self._before, with_kwargs=True)
-
-    def _before(self, module, args, kwargs):
-        ids = kwargs["input_ids"]
-        if ids.shape[1] > 1:
-            self.seen.append(ids[0].tolist())  # prefills: one prompt each
-        self.open.wait(timeout=30)
-        if self.fail_when is not None and (error := self.fail_when(ids)) is not None:
-            raise error
-
-    def close(self):
-        self._hook.remove()
-        self.open.set()
 
 
 @pytest.fixture
 def lm(tiny_lms):
     return tiny_lms["instruct"]
-
-
-@pytest.fixture
-def gate(lm):
-    g = ModelGate(lm.model)
-    yield g
-    g.close()
 
 
 def _config(lm, tmp_path, **changes):
