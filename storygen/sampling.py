@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -111,11 +111,6 @@ def parse_setting(name: str, raw: str) -> int | float | bool:
     except ValueError:
         kind = "a whole number" if name in ("length", "top_k", "seed") else "a number"
         raise SettingRangeError(name, raw, f"{kind}, {allowed_range(name, SamplingLimits())}") from None
-
-
-def with_overrides(params: SamplingParams, **overrides: object) -> SamplingParams:
-    """`params` with the non-None overrides applied."""
-    return replace(params, **{k: v for k, v in overrides.items() if v is not None})
 
 
 @dataclass
