@@ -27,6 +27,7 @@ from transformers import DynamicCache
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from storygen import model_thread  # noqa: E402
 from storygen.config import StorygenConfig  # noqa: E402
 from storygen.engine import Engine, Sequence  # noqa: E402
 from storygen.model import LoadedModel, load_model  # noqa: E402
@@ -58,7 +59,7 @@ def load(model: str, tmp: Path) -> tuple[LoadedModel, StorygenConfig]:
         config = replace(config, model=str(directory), model_format="instruct")
     elif model != "default":
         config = replace(config, model=model)
-    return load_model(config), config
+    return model_thread.call(load_model, config), config
 
 
 def run_baseline(lm: LoadedModel, prepared: list, params: SamplingParams) -> tuple[int, float]:
@@ -148,24 +149,27 @@ def main(argv: list[str] | None = None) -> None:
 
 async def _rounds(lm: LoadedModel, config: StorygenConfig, params: SamplingParams, pairs: list, args) -> None:
     ratios, ttfts = [], []
-    async with Worker(lm, config) as worker:
-        for r in range(args.rounds):
-            requests = [StoryRequest(f"r{r}-{i}", f"api:user{i}", g, o, replace(params, seed=i))
-                        for i, (g, o) in enumerate(pairs)]
-            prepared = [prepare(q, lm, config) for q in requests]
-            a_tokens, a_time = run_baseline(lm, prepared, params)
+    for r in range(args.rounds):
+        requests = [StoryRequest(f"r{r}-{i}", f"api:user{i}", g, o, replace(params, seed=i))
+                    for i, (g, o) in enumerate(pairs)]
+        prepared = [prepare(q, lm, config) for q in requests]
+        # All torch work runs on the model thread, as in the bot; so A's generate() does too, and
+        # the worker, which holds that thread while it runs, is started after A is done.
+        a_tokens, a_time = model_thread.call(run_baseline, lm, prepared, params)
+        async with Worker(lm, config) as worker:
             b_tokens, b_time, stories = await run_worker(worker, requests)
-            ttfts += [s.timings["ttft_s"] for s in stories]
-            a_rate, b_rate = a_tokens / a_time, b_tokens / b_time
-            ratios.append(b_rate / a_rate)
-            print(f"round {r + 1}: generate one at a time {a_rate:7.1f} tok/s ({a_tokens} tokens) | "
-                  f"worker {b_rate:7.1f} tok/s ({b_tokens} tokens) | ratio {b_rate / a_rate:.2f}")
-        ttfts.sort()
-        print(f"worker TTFT p50 {ttfts[len(ttfts) // 2]:.2f} s, p95 {ttfts[int(0.95 * (len(ttfts) - 1))]:.2f} s")
+        ttfts += [s.timings["ttft_s"] for s in stories]
+        a_rate, b_rate = a_tokens / a_time, b_tokens / b_time
+        ratios.append(b_rate / a_rate)
+        print(f"round {r + 1}: generate one at a time {a_rate:7.1f} tok/s ({a_tokens} tokens) | "
+              f"worker {b_rate:7.1f} tok/s ({b_tokens} tokens) | ratio {b_rate / a_rate:.2f}", flush=True)
+    ttfts.sort()
+    print(f"worker TTFT p50 {ttfts[len(ttfts) // 2]:.2f} s, p95 {ttfts[int(0.95 * (len(ttfts) - 1))]:.2f} s")
+    async with Worker(lm, config) as worker:
         in_service, in_turnovers = await fairness(worker, params, args.flood)
-        print(f"fairness: X floods {args.flood}, then Y sends 1: Y waited {in_service:.2f} service times "
-              f"= {in_turnovers:.2f} slot turnovers")
-    overhead = step_overhead(lm, prepare(StoryRequest("o", "api:o", pairs[0][0], pairs[0][1], params), lm,
+    print(f"fairness: X floods {args.flood}, then Y sends 1: Y waited {in_service:.2f} service times "
+          f"= {in_turnovers:.2f} slot turnovers")
+    overhead = model_thread.call(step_overhead, lm, prepare(StoryRequest("o", "api:o", pairs[0][0], pairs[0][1], params), lm,
                                          config).prompt_ids)
     print(f"batch-1 decode step vs bare forward with KV cache: {overhead:.2f}x")
     print(f"throughput_ratio: {statistics.median(ratios):.2f}")

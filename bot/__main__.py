@@ -14,6 +14,7 @@ import sys
 from bot.config import BotConfig
 from bot.service import StoryService
 from bot.state import BotState
+from storygen import model_thread
 from storygen.config import Env, StorygenConfig
 from storygen.errors import ConfigError, ModelLoadError
 from storygen.model import load_model
@@ -37,7 +38,7 @@ def _front_ends(service: StoryService, config: BotConfig) -> list:
 
 
 async def serve(config: BotConfig, storygen_config: StorygenConfig, stop: asyncio.Event) -> None:
-    lm = await asyncio.to_thread(load_model, storygen_config)
+    lm = await model_thread.run(load_model, storygen_config)  # on the thread that will decode: see model_thread
     settings = SettingsStore(storygen_config.settings_db)
     state = BotState(storygen_config.settings_db)
     worker = Worker(lm, storygen_config)

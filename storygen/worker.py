@@ -5,7 +5,8 @@
     story = await handle                # the finished Story, or a StorygenError
     handle.cancel(); handle.position; handle.eta_s
 
-One engine thread owns the model, like vLLM's engine loop: each turn it applies
+One engine loop owns the model, like vLLM's: on the process's model thread (see
+model_thread.py for why that is one thread for all torch work), each turn it applies
 cancellations and deadlines, admits queued requests into free slots (round-robin
 across users), steps the batch once, and fans the new text out to each request's
 handle on the asyncio side, which never blocks on the model.
@@ -18,10 +19,12 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
 
+from storygen import model_thread
 from storygen.config import StorygenConfig
 from storygen.engine import Engine, Sequence, SequenceError, StepOutput
 from storygen.errors import (DeadlineExceededError, GenerationFailedError, RequestCancelledError, StorygenError,
@@ -129,7 +132,7 @@ class Worker:
         self._aborts: dict[str, StorygenError] = {}  # running request id -> why it must stop
         self._cond = threading.Condition()
         self._tokenizer_lock = threading.Lock()  # the Rust tokenizer is shared by submit() and the engine thread
-        self._thread: threading.Thread | None = None
+        self._engine_loop: Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._state = "stopped"
         self._service_s = max(1.0, config.defaults.length * 0.05)  # EMA of one story's time in the batch
@@ -143,8 +146,12 @@ class Worker:
         self._loop = asyncio.get_running_loop()
         self._state = "running"
         self._last_step = time.monotonic()
-        self._thread = threading.Thread(target=self._run, name="storygen-engine", daemon=True)
-        self._thread.start()
+        try:
+            self._engine_loop = model_thread.start_loop(f"the engine loop of worker {id(self):#x}", self._run)
+        except RuntimeError:
+            self._state = "stopped"
+            raise
+        self._engine_loop.add_done_callback(self._engine_loop_ended)
         logger.info("worker started: %s slots, queue %s, %s per user",
                     self.engine.max_batch, self.config.max_queue, self.config.max_per_user)
 
@@ -155,8 +162,8 @@ class Worker:
                 return
             self._state = "stopping"
             self._cond.notify_all()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
+        if self._engine_loop is not None:
+            await asyncio.wait([asyncio.wrap_future(self._engine_loop)])  # a crash was logged when it happened
         with self._cond:
             for key, job in list(self._jobs.items()):
                 admitted = self._queue.remove(key) is None
@@ -232,6 +239,11 @@ class Worker:
             }
 
     # --- the engine thread -------------------------------------------------------------------
+
+    def _engine_loop_ended(self, future: Future[None]) -> None:
+        if (error := future.exception()) is not None:  # a bug in the loop itself, not a request's failure
+            self._last_error = f"engine loop crashed: {type(error).__name__}"
+            logger.critical("the engine loop crashed; the worker is down", exc_info=error)
 
     def _run(self) -> None:
         while True:
