@@ -173,12 +173,14 @@ def sample_next(
     probs = torch.softmax(cand_logits, dim=-1)  # (B, K), sorted descending
     before = torch.cumsum(probs, dim=-1) - probs  # probability mass strictly before each candidate
     probs = probs.masked_fill(before >= knobs.top_p[:, None], 0.0)
-    # 6. Sample each row from its own generator, so a seed gives the same story in any batch.
-    picks = torch.empty(B, dtype=torch.long, device=logits.device)
-    for row, is_greedy in enumerate(knobs.greedy.tolist()):
-        if is_greedy:
-            picks[row] = greedy_ids[row]
-        else:
-            choice = torch.multinomial(probs[row], 1, generator=generators[row])
-            picks[row] = cand_ids[row, choice[0]]
-    return picks
+    # 6. Sample each row by inverting its CDF at one uniform draw from its own generator. One draw
+    #    per row per step whatever the batch's K, so a seed gives the same story in any batch
+    #    (torch.multinomial draws once per candidate, and K is the largest top_k in the batch).
+    greedy_rows = knobs.greedy.tolist()
+    zero = torch.zeros(1, device=logits.device)
+    draws = torch.cat([zero if is_greedy else torch.rand(1, generator=gen, device=logits.device)
+                       for is_greedy, gen in zip(greedy_rows, generators)])  # (B,) in [0, 1)
+    cdf = torch.cumsum(probs, dim=-1)  # (B, K); the last column is the mass top-p kept
+    choice = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True)  # (B, 1)
+    sampled = cand_ids.gather(-1, choice.clamp(max=cand_ids.shape[-1] - 1)).squeeze(-1)  # (B,)
+    return torch.where(knobs.greedy, greedy_ids, sampled)

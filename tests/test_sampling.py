@@ -86,3 +86,23 @@ def test_repetition_penalty_discourages_seen_tokens():
     seen[0, 3] = True
     knobs = _knobs(SamplingParams(greedy=True, repetition_penalty=1.5))
     assert int(sample_next(logits, knobs, seen, _gens(1))[0]) == 4
+
+
+def test_draws_follow_the_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0] + [-1e9] * 46])
+    knobs = _knobs(SamplingParams(top_k=0, top_p=1.0, temperature=1.0, repetition_penalty=1))
+    gen = _gens(1)
+    counts = torch.bincount(torch.cat([sample_next(logits, knobs, None, gen) for _ in range(4000)]), minlength=50)
+    expected = torch.softmax(logits[0, :4], -1)  # 0.64, 0.24, 0.09, 0.03
+    assert torch.allclose(counts[:4] / 4000, expected, atol=0.03) and counts[4:].sum() == 0
+
+
+def test_a_row_draws_the_same_whatever_its_neighbours_top_k():
+    logits = torch.randn(2, 50)
+    mine = SamplingParams(top_k=5, temperature=1.0, repetition_penalty=1)
+    picks = []
+    for neighbour_k in (5, 40, 0):  # 0: top-k off, the whole vocabulary is sorted
+        knobs = _knobs(mine, SamplingParams(top_k=neighbour_k, repetition_penalty=1))
+        gens = _gens(2, seed=3)
+        picks.append([int(sample_next(logits, knobs, None, gens)[0]) for _ in range(30)])
+    assert picks[0] == picks[1] == picks[2]
