@@ -1,8 +1,9 @@
 """The batched decoder: many stories share one forward pass per token.
 
 This is continuous batching in eager PyTorch. A sequence joins the running batch at
-the next step when a slot is free (it is prefilled alone, then its KV cache is
-left-padded into the batch's), and leaves the moment it finishes. Each row keeps
+the next step when a slot is free (sequences admitted together are prefilled in one
+left-padded pass, then their KV cache is left-padded into the batch's), and leaves
+the moment it finishes. Each row keeps
 its own temperature, top_p, top_k, repetition penalty, length and random stream.
 
 Why our own loop rather than transformers' continuous-batching manager: the manager
@@ -12,7 +13,7 @@ in front (see worker.py). We still use the library for the model, its DynamicCac
 and its attention masking; only the loop is ours.
 
 The engine is synchronous and single-threaded: the worker calls `step()` from its
-engine thread, the CLI calls it directly.
+engine loop, the CLI calls it directly.
 """
 
 from __future__ import annotations
@@ -92,14 +93,42 @@ class Engine:
     @torch.inference_mode()
     def start(self, seq: Sequence) -> StepOutput:
         """Prefill one sequence, sample its first token, and add it to the running batch."""
-        if seq.generator is None:
-            seq.seed = seq.params.seed if seq.params.seed is not None else secrets.randbits(32)
-            seq.generator = torch.Generator(device=self.lm.device).manual_seed(seq.seed)
+        result = self.start_many([seq])[0]
+        if isinstance(result, SequenceError):
+            raise result
+        return result
+
+    @torch.inference_mode()
+    def start_many(self, seqs: list[Sequence]) -> list[StepOutput | SequenceError]:
+        """Prefill several sequences in one left-padded forward pass and add them to the batch.
+
+        One result per sequence, in order: its first token, or the SequenceError that failed
+        it alone. When the shared pass fails, each is retried alone, so a bad request is
+        found and fails by itself (and an out-of-memory batch gets smaller prefills).
+        """
+        results: list[StepOutput | SequenceError | None] = [None] * len(seqs)
+        ready = []
+        for i, seq in enumerate(seqs):
+            if seq.generator is None:
+                seq.seed = seq.params.seed if seq.params.seed is not None else secrets.randbits(32)
+                seq.generator = torch.Generator(device=self.lm.device).manual_seed(seq.seed)
+            try:
+                self._check_fits(seq)
+                ready.append(i)
+            except ValueError as error:
+                results[i] = SequenceError(seq.seq_id, error)
         try:
-            out = self._prefill(seq)
+            outputs = self._prefill([seqs[i] for i in ready]) if ready else []
         except Exception as error:
-            raise SequenceError(seq.seq_id, error) from error
-        return out
+            if len(ready) == 1:
+                outputs = [SequenceError(seqs[ready[0]].seq_id, error)]
+            else:
+                logger.warning("a batched prefill of %s sequences failed (%r); prefilling them one by one",
+                               len(ready), error)
+                outputs = [_or_error(self._prefill, seqs[i]) for i in ready]
+        for i, output in zip(ready, outputs):
+            results[i] = output
+        return results
 
     @torch.inference_mode()
     def abort(self, seq_id: str) -> bool:
@@ -166,45 +195,73 @@ class Engine:
         self._positions = self._positions + 1
         return out.logits[:, -1, :]  # (B, V)
 
-    def _prefill(self, seq: Sequence) -> StepOutput:
-        ids = seq.prompt_ids + seq.generated  # a preempted sequence resumes with what it wrote
-        if len(ids) + seq.params.length - len(seq.generated) > self.lm.max_positions:
-            raise ValueError(f"prompt of {len(ids)} tokens plus {seq.params.length} new ones exceeds the "
-                             f"model's {self.lm.max_positions} positions")
+    def _check_fits(self, seq: Sequence) -> None:
+        length = len(seq.prompt_ids) + seq.params.length
+        if length > self.lm.max_positions:
+            raise ValueError(f"prompt of {len(seq.prompt_ids)} tokens plus {seq.params.length} new ones exceeds "
+                             f"the model's {self.lm.max_positions} positions")
+
+    def _prefill(self, seqs: list[Sequence]) -> list[StepOutput]:
+        """Run the prompts through the model together, sample each first token, and join the batch."""
         device = self.lm.device
-        input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # (1, L)
+        rows = [seq.prompt_ids + seq.generated for seq in seqs]  # a preempted sequence resumes with what it wrote
+        G, L = len(rows), max(map(len, rows))
+        # 1. Left-pad to one width, so every row's last token sits in the last column.
+        input_ids = torch.tensor([[self.lm.pad_id] * (L - len(r)) + r for r in rows], device=device)  # (G, L)
+        mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows], device=device)  # (G, L)
+        padded = any(len(r) < L for r in rows)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (G, L): each row counts from 0 at its first token
         cache = new_cache(self.lm.model.config) if self.append_cache else DynamicCache(config=self.lm.model.config)
-        out = self.lm.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        seen = torch.zeros(1, self.lm.vocab_size, dtype=torch.bool, device=device)
-        seen[0, input_ids[0]] = True
-        knobs = RowKnobs.from_params([seq.params], self.lm.vocab_size, device)
-        token = sample_next(out.logits[:, -1, :], knobs, seen if seq.params.repetition_penalty != 1 else None,
-                            [seq.generator])
-        output = self._record(seq, int(token[0]))
-        if not seq.done:
-            seen[0, token] = True
-            self._join(seq, cache, len(ids), token, seen)
-        return output
+        out = self.lm.model(input_ids=input_ids, attention_mask=mask if padded else None,
+                            position_ids=positions if padded else None, past_key_values=cache, use_cache=True,
+                            logits_to_keep=1)
+        if padded:  # padding's keys and values are never attended to; zero them so nothing odd can leak
+            keep = mask.bool()[:, None, :, None]  # (G, 1, L, 1)
+            for layer in cache.layers:
+                layer.keys.masked_fill_(~keep, 0)
+                layer.values.masked_fill_(~keep, 0)
+        # 2. Sample each row's first token with its own settings, as a decode step would.
+        seen = torch.zeros(G, self.lm.vocab_size, dtype=torch.bool, device=device)  # (G, V)
+        seen[torch.arange(G, device=device)[:, None], input_ids] = True
+        if padded:
+            seen[:, self.lm.pad_id] = False
+            for g, r in enumerate(rows):  # the pad id may also be a real token of the prompt
+                seen[g, r] = True
+        knobs = RowKnobs.from_params([seq.params for seq in seqs], self.lm.vocab_size, device)
+        penalise = any(seq.params.repetition_penalty != 1 for seq in seqs)
+        tokens = sample_next(out.logits[:, -1, :], knobs, seen if penalise else None, [s.generator for s in seqs])
+        outputs = [self._record(seq, tok) for seq, tok in zip(seqs, tokens.tolist())]
+        seen[torch.arange(G, device=device), tokens] = True
+        # 3. Rows that go on join the running batch; one that stopped at once never does.
+        going = [g for g, seq in enumerate(seqs) if not seq.done]
+        if len(going) < G:
+            index = torch.tensor(going, device=device, dtype=torch.long)
+            for layer in cache.layers:
+                replace_layer(layer, layer.keys[index], layer.values[index])
+            mask, tokens, seen = mask[index], tokens[index], seen[index]
+        if going:
+            self._join([seqs[g] for g in going], cache, mask, tokens, seen)
+        return outputs
 
     # --- batch bookkeeping ---------------------------------------------------------------------
 
-    def _join(self, seq: Sequence, cache: DynamicCache, length: int, token: torch.Tensor, seen: torch.Tensor) -> None:
-        """Add a prefilled row: left-pad whichever side is shorter so the cache lines up."""
-        T = self._mask.shape[1]
-        width = max(T, length)
+    def _join(self, seqs: list[Sequence], cache: DynamicCache, mask: torch.Tensor, tokens: torch.Tensor,
+              seen: torch.Tensor) -> None:
+        """Add prefilled rows: left-pad whichever side is shorter so the caches line up."""
+        T, L = self._mask.shape[1], mask.shape[1]
+        width = max(T, L)
         if self._cache is None:
             self._cache = cache
         else:
             for mine, theirs in zip(self._cache.layers, cache.layers):
                 replace_layer(mine, torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)], dim=0),
                               torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)], dim=0))
-        row_mask = self._mask.new_ones(1, length)
-        self._mask = torch.cat([_pad_left(self._mask, width, dim=1), _pad_left(row_mask, width, dim=1)], dim=0)
-        self._padded = self._padded or T != length
-        self._positions = torch.cat([self._positions, self._positions.new_tensor([length])])
-        self._next = torch.cat([self._next, token.view(1)])
+        self._mask = torch.cat([_pad_left(self._mask, width, dim=1), _pad_left(mask, width, dim=1)], dim=0)
+        self._padded = not bool(self._mask.all())
+        self._positions = torch.cat([self._positions, mask.sum(dim=1)])  # next position: each row's length
+        self._next = torch.cat([self._next, tokens])
         self._seen = torch.cat([self._seen, seen])
-        self.rows.append(seq)
+        self.rows.extend(seqs)
         self._set_knobs()
 
     def _keep(self, keep: list[int]) -> None:
@@ -236,6 +293,13 @@ class Engine:
 
     def _seen_or_none(self) -> torch.Tensor | None:
         return self._seen if self._penalise else None
+
+
+def _or_error(prefill, seq: Sequence) -> StepOutput | SequenceError:
+    try:
+        return prefill([seq])[0]
+    except Exception as error:
+        return SequenceError(seq.seq_id, error)
 
 
 def _pad_left(x: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:

@@ -254,8 +254,8 @@ class Worker:
                     return
                 self._expire_and_abort(time.monotonic())
                 admitted = self._admit()
-            for job in admitted:
-                self._start(job)
+            if admitted:
+                self._start(admitted)
             if self.engine.rows:
                 self._step()
 
@@ -286,20 +286,24 @@ class Worker:
         self.metrics.queue_depth = len(self._queue)
         return admitted
 
-    def _start(self, job: _Job) -> None:
-        try:
-            output = self.engine.start(job.seq)
-        except SequenceError as error:
-            if isinstance(error.error, torch.OutOfMemoryError) and self.engine.rows:
-                # No room for one more: keep the cap at what fits and let it wait for a free slot.
-                self._faults["oom_events"] += 1
-                self.engine.max_batch = len(self.engine.rows)
-                with self._cond:
+    def _start(self, jobs: list[_Job]) -> None:
+        """Prefill the admitted jobs together; each one that fails, fails alone."""
+        results = self.engine.start_many([job.seq for job in jobs])
+        outputs, no_room = [], []
+        for job, result in zip(jobs, results):
+            if not isinstance(result, SequenceError):
+                outputs.append(result)
+            elif isinstance(result.error, torch.OutOfMemoryError) and self.engine.rows:
+                no_room.append(job)
+            else:
+                self._fail(job, result.error)
+        if no_room:  # keep the cap at what fits; they wait, first in line, for a free slot
+            self._faults["oom_events"] += 1
+            self.engine.max_batch = len(self.engine.rows)
+            with self._cond:
+                for job in reversed(no_room):
                     self._queue.push_front(job.seq.seq_id, job.prepared.request.user_key, job)
-                return
-            self._fail(job, error.error)
-            return
-        self._deliver([output])
+        self._deliver(outputs)
 
     def _step(self) -> None:
         # 1. One decode step for the whole batch.

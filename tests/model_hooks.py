@@ -32,8 +32,10 @@ class ModelGate:
 
     def _before(self, module, args, kwargs):
         ids = kwargs["input_ids"]
-        if ids.shape[1] > 1:
-            self.seen.append(ids[0].tolist())  # prefills: one prompt each
+        if ids.shape[1] > 1:  # a prefill: one prompt per row, left-padded when they differ in length
+            mask = kwargs.get("attention_mask")
+            for row in range(ids.shape[0]):
+                self.seen.append(ids[row][mask[row].bool()].tolist() if mask is not None else ids[row].tolist())
         self.entered.set()
         self.open.wait(timeout=30)
         if self.fail_when is not None and (error := self.fail_when(ids)) is not None:

@@ -43,6 +43,57 @@ def test_batched_greedy_equals_sequential_greedy(tiny_lms, kind):
     assert steps < sum(len(e) for e in expected)  # rows really shared steps
 
 
+MIXED = [SamplingParams(length=18, greedy=True), SamplingParams(length=12, temperature=1.1, seed=3),
+         SamplingParams(length=25, greedy=True, repetition_penalty=1.3), SamplingParams(length=9, top_k=5, seed=8),
+         SamplingParams(length=16, temperature=0.7, top_p=0.8, repetition_penalty=1.1, seed=21)]
+
+
+@pytest.mark.parametrize("kind", ["genre_tags", "instruct"])  # learned positions and RoPE: both need position_ids
+def test_prompts_prefilled_together_write_what_they_write_alone(tiny_lms, kind):
+    lm = tiny_lms[kind]
+    prompts = _prompts(lm)
+    assert len({len(p) for p in prompts}) == len(prompts)  # every row of the shared prefill is padded differently
+    expected = [_run_alone(lm, ids, p) for ids, p in zip(prompts, MIXED)]
+    engine = Engine(lm, max_batch=5)
+    early = Sequence("s0", prompts[0], MIXED[0])
+    engine.start(early)
+    engine.step()  # a row already running when the others join
+    rest = [Sequence(f"s{i}", ids, p) for i, (ids, p) in enumerate(zip(prompts[1:], MIXED[1:]), start=1)]
+    outputs = engine.start_many(rest)
+    assert [o.seq_id for o in outputs] == ["s1", "s2", "s3", "s4"] and len(engine.rows) == 5
+    while engine.rows:
+        engine.step()
+    assert [s.generated for s in [early, *rest]] == expected
+
+
+def test_a_prompt_that_breaks_the_shared_prefill_fails_alone(tiny_lms):
+    from storygen.engine import SequenceError
+
+    lm = tiny_lms["instruct"]
+    prompts = _prompts(lm)
+    poison = prompts[2]
+
+    def refuse(module, args, kwargs):
+        if any(row[-len(poison):].tolist() == poison for row in kwargs["input_ids"]):
+            raise RuntimeError("bad row")
+
+    hook = lm.model.register_forward_pre_hook(refuse, with_kwargs=True)
+    try:
+        engine = Engine(lm, 4)
+        seqs = [Sequence(f"s{i}", ids, SamplingParams(length=6, greedy=True)) for i, ids in enumerate(prompts[:3])]
+        too_long = Sequence("long", [5] * 2100, SamplingParams(length=5))
+        results = engine.start_many([seqs[0], too_long, seqs[1], seqs[2]])
+    finally:
+        hook.remove()
+    assert [type(r).__name__ for r in results] == ["StepOutput", "SequenceError", "StepOutput", "SequenceError"]
+    assert "positions" in str(results[1].error) and str(results[3].error) == "bad row"
+    assert [s.seq_id for s in engine.rows] == ["s0", "s1"]
+    while engine.rows:
+        engine.step()
+    assert seqs[0].generated == _run_alone(lm, prompts[0], SamplingParams(length=6, greedy=True))
+    assert isinstance(results[3], SequenceError)
+
+
 def test_seed_reproduces_and_differs(tiny_lms, tmp_path):
     lm = tiny_lms["plain"]
     config = tiny_config(lm.name, "plain", tmp_path)
