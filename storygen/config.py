@@ -132,6 +132,7 @@ class StorygenConfig:
     model_format: str = "auto"
     device: str = "auto"
     dtype: str = "auto"
+    onednn: bool = True  # fp32 on a CPU: pack linear layers for oneDNN (see onednn.py)
     cache_dir: Path = field(default_factory=_default_cache_dir)
     default_genre: str = "auto"
     defaults: SamplingParams = SamplingParams()
@@ -169,6 +170,7 @@ class StorygenConfig:
             model_format=env.choice("STORYGEN_FORMAT", "auto", FORMATS),
             device=env.choice("STORYGEN_DEVICE", "auto", DEVICES),
             dtype=env.choice("STORYGEN_DTYPE", "auto", DTYPES),
+            onednn=env.bool("STORYGEN_ONEDNN", True),
             cache_dir=env.path("STORYGEN_CACHE_DIR", _default_cache_dir()),
             default_genre=env.str("STORYGEN_DEFAULT_GENRE", "auto"),
             defaults=defaults,

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from storygen.config import StorygenConfig
 from storygen.errors import ModelLoadError
+from storygen.onednn import can_pack, pack_linears
 from storygen.prompts import FormatSpec, control_ids, control_strings, read_metadata, resolve_format
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class LoadedModel:
 
     @property
     def vocab_size(self) -> int:
-        return int(self.model.get_output_embeddings().weight.shape[0])
+        return int(self.model.get_output_embeddings().out_features)
 
     @property
     def pad_id(self) -> int:
@@ -164,6 +165,8 @@ def load_model(config: StorygenConfig) -> LoadedModel:
             f"copy that directory here and set STORYGEN_MODEL to its path"
         ) from error
     model.to(device).eval()
+    if config.onednn and can_pack(device, dtype):
+        logger.info("packed %s linear layers for oneDNN", pack_linears(model))
     metadata = read_metadata(Path(source)) if local else None
     spec = resolve_format(config.model_format, model_id, metadata, tokenizer)
     stops = control_ids(tokenizer) - {tokenizer.unk_token_id}
