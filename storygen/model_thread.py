@@ -82,7 +82,7 @@ def _check_free() -> None:
 def _enqueue(job: Callable[[], Any]) -> Future:
     global _thread
     if _thread is None:
-        # A daemon, as the engine thread always was: a process that exits without stopping its
+        # A daemon, as the old engine thread was: a process that exits without stopping its
         # worker must not hang on it.
         _thread = threading.Thread(target=_serve, name="storygen-model", daemon=True)
         _thread.start()

@@ -83,7 +83,7 @@ class StoryHandle:
     def __await__(self):
         return asyncio.shield(self._result).__await__()
 
-    # Called on the event loop by the engine thread (through call_soon_threadsafe).
+    # Called on the event loop by the engine loop (through call_soon_threadsafe).
     def _chunk(self, text: str) -> None:
         self.state = "running"
         self._chunks.put_nowait(text)
@@ -131,7 +131,7 @@ class Worker:
         self._jobs: dict[str, _Job] = {}
         self._aborts: dict[str, StorygenError] = {}  # running request id -> why it must stop
         self._cond = threading.Condition()
-        self._tokenizer_lock = threading.Lock()  # the Rust tokenizer is shared by submit() and the engine thread
+        self._tokenizer_lock = threading.Lock()  # the Rust tokenizer is shared by submit() and the engine loop
         self._engine_loop: Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._state = "stopped"
@@ -156,7 +156,7 @@ class Worker:
                     self.engine.max_batch, self.config.max_queue, self.config.max_per_user)
 
     async def stop(self) -> None:
-        """Stop the engine thread; whatever is queued or running fails with a clear error."""
+        """Stop the engine loop; whatever is queued or running fails with a clear error."""
         with self._cond:
             if self._state != "running":
                 return
@@ -238,7 +238,7 @@ class Worker:
                 "last_error": self._last_error, **self._faults,
             }
 
-    # --- the engine thread -------------------------------------------------------------------
+    # --- the engine loop, on the model thread ---------------------------------------------------------------
 
     def _engine_loop_ended(self, future: Future[None]) -> None:
         if (error := future.exception()) is not None:  # a bug in the loop itself, not a request's failure
