@@ -238,7 +238,7 @@ class Worker:
                 "last_error": self._last_error, **self._faults,
             }
 
-    # --- the engine loop, on the model thread ---------------------------------------------------------------
+    # --- the engine loop, on the model thread ------------------------------------------------
 
     def _engine_loop_ended(self, future: Future[None]) -> None:
         if (error := future.exception()) is not None:  # a bug in the loop itself, not a request's failure
