@@ -65,6 +65,11 @@ class FairQueue(Generic[T]):
         self._running[user] = max(0, self._running.get(user, 0) - 1)
         self._size += 1
 
+    def peek(self) -> tuple[str, T] | None:
+        """What `pop` would return next, left in place."""
+        head = next(self._service_order(), None)
+        return (head.key, head.item) if head is not None else None
+
     def pop(self) -> tuple[str, T] | None:
         """The next item in service order (see `_service_order`)."""
         for entry in self._service_order():

@@ -24,6 +24,7 @@ class ModelGate:
 
     def __init__(self, model):
         self.seen: list[list[int]] = []
+        self.groups: list[list[int]] = []  # per prefill call: the length of each prompt in it
         self.open = threading.Event()
         self.open.set()
         self.entered = threading.Event()  # set once the model has been called
@@ -34,8 +35,10 @@ class ModelGate:
         ids = kwargs["input_ids"]
         if ids.shape[1] > 1:  # a prefill: one prompt per row, left-padded when they differ in length
             mask = kwargs.get("attention_mask")
-            for row in range(ids.shape[0]):
-                self.seen.append(ids[row][mask[row].bool()].tolist() if mask is not None else ids[row].tolist())
+            rows = [ids[row][mask[row].bool()].tolist() if mask is not None else ids[row].tolist()
+                    for row in range(ids.shape[0])]
+            self.seen.extend(rows)
+            self.groups.append([len(row) for row in rows])
         self.entered.set()
         self.open.wait(timeout=30)
         if self.fail_when is not None and (error := self.fail_when(ids)) is not None:

@@ -6,8 +6,11 @@ from storygen.scheduler import FairQueue
 
 def _drain(queue):
     order = []
-    while (popped := queue.pop()) is not None:
+    while (peeked := queue.peek()) is not None:
+        popped = queue.pop()
+        assert popped == peeked  # peek names what pop takes next, and leaves it
         order.append(popped[0])
+    assert queue.pop() is None
     return order
 
 

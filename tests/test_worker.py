@@ -59,6 +59,23 @@ async def test_batched_worker_matches_sequential_greedy(lm, tmp_path):
         assert story.request_id == handle.request_id
 
 
+async def test_queued_prompts_are_prefilled_together_within_the_token_budget(lm, tmp_path, gate):
+    async with Worker(lm, _config(lm, tmp_path, max_per_user=10)) as worker:
+        gate.open.clear()  # the first request holds the engine in its prefill while the rest queue
+        handles = [await worker.submit(_request(0))]
+        await _until(gate.entered.is_set)
+        for i in range(1, 7):
+            handles.append(await worker.submit(_request(i, prompt="Once " + "upon a time " * i)))
+        lengths = [len(worker._jobs[h.request_id].seq.prompt_ids) for h in handles[1:]]
+        worker.prefill_tokens = lengths[0] + lengths[1]  # room for the first two queued, not three
+        gate.open.set()
+        await asyncio.gather(*handles)
+    queued_groups = gate.groups[1:]  # the first group is request 0 alone
+    assert [n for group in queued_groups for n in group] == lengths  # FIFO order, each prefilled once
+    assert queued_groups[0] == lengths[:2]  # two shared one pass; the third did not fit
+    assert all(len(group) == 1 or sum(group) <= worker.prefill_tokens for group in queued_groups)
+
+
 async def test_fair_order_newcomer_waits_one_slot(lm, tmp_path, gate):
     config = _config(lm, tmp_path, max_batch=1, max_per_user=30)
     async with Worker(lm, config) as worker:
