@@ -50,11 +50,30 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def pack_linears(model: nn.Module) -> int:
-    """Swap every nn.Linear and Conv1D in an eval-mode model for a PackedLinear; returns how many."""
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) in (nn.Linear, Conv1D):
-                setattr(parent, name, PackedLinear.from_dense(child))
-                swapped += 1
-    return swapped
+    """Swap every nn.Linear and Conv1D in an eval-mode model for a PackedLinear; returns how many.
+
+    The first layer is tried against its dense self first; where this torch build's oneDNN
+    can't run it (or disagrees), nothing is swapped and the model stays as it was.
+    """
+    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if type(child) in (nn.Linear, Conv1D)]
+    if not targets or not _works(targets[0][2]):
+        return 0
+    for parent, name, child in targets:
+        setattr(parent, name, PackedLinear.from_dense(child))
+    return len(targets)
+
+
+def _works(layer: nn.Module) -> bool:
+    in_features = layer.weight.shape[0 if isinstance(layer, Conv1D) else 1]
+    x = torch.randn(2, 3, in_features, dtype=layer.weight.dtype)
+    try:
+        with torch.inference_mode():
+            packed, dense = PackedLinear.from_dense(layer)(x), layer(x)
+    except RuntimeError as error:
+        logger.warning("oneDNN can't run the model's linear layers here (%s); keeping them dense", error)
+        return False
+    if not torch.allclose(packed, dense, rtol=1e-3, atol=1e-4):
+        logger.warning("oneDNN's linear layers disagree with the dense ones here; keeping them dense")
+        return False
+    return True

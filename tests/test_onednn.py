@@ -51,3 +51,14 @@ def test_operator_can_turn_it_off():
     assert not StorygenConfig.from_env(Env({"STORYGEN_ONEDNN": "false"}, env_file=None)).onednn
     with pytest.raises(ConfigError, match="STORYGEN_ONEDNN='maybe' is not a boolean"):
         StorygenConfig.from_env(Env({"STORYGEN_ONEDNN": "maybe"}, env_file=None))
+
+
+def test_a_build_whose_onednn_fails_keeps_the_dense_layers(monkeypatch):
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+
+    def broken(*args):
+        raise RuntimeError("mkldnn_linear: unsupported platform")
+
+    monkeypatch.setattr(torch._C._nn, "mkldnn_linear", broken)
+    assert pack_linears(model) == 0
+    assert [type(m) for m in model] == [nn.Linear, nn.Linear]
