@@ -46,6 +46,9 @@ GPU_MAX_BATCH = 64
 CPU_PREFILL_TOKENS = 128
 GPU_PREFILL_TOKENS = 8192
 MAX_PREFILL_GROUP = 16
+# After running out of memory lowered the running cap, this many steps without another OOM
+# raise it by one, back up to the configured cap: stories get shorter, memory frees up.
+CAP_RECOVERY_STEPS = 256
 
 
 class StoryHandle:
@@ -133,6 +136,9 @@ class Worker:
         default_batch = GPU_MAX_BATCH if on_gpu else CPU_MAX_BATCH
         self.prefill_tokens = GPU_PREFILL_TOKENS if on_gpu else CPU_PREFILL_TOKENS
         self.engine = Engine(lm, config.max_batch or default_batch)
+        self.full_batch = self.engine.max_batch  # the cap an OOM lowers the engine's from, for a while
+        self.cap_recovery_steps = CAP_RECOVERY_STEPS
+        self._clean_steps = 0  # decode steps since the last OOM, while the cap is lowered
         self._queue: FairQueue[_Job] = FairQueue(config.max_queue, config.max_per_user)
         self._jobs: dict[str, _Job] = {}
         self._aborts: dict[str, StorygenError] = {}  # running request id -> why it must stop
@@ -311,8 +317,7 @@ class Worker:
             else:
                 self._fail(job, result.error)
         if no_room:  # keep the cap at what fits; they wait, first in line, for a free slot
-            self._faults["oom_events"] += 1
-            self.engine.max_batch = len(self.engine.rows)
+            self._lower_cap(len(self.engine.rows))
             with self._cond:
                 for job in reversed(no_room):
                     self._queue.push_front(job.seq.seq_id, job.prepared.request.user_key, job)
@@ -330,8 +335,9 @@ class Worker:
             for seq in self.engine.abort_all():
                 self._fail(self._jobs[seq.seq_id], error)
             return
-        # 2. Book-keeping for ETAs and health.
+        # 2. Book-keeping for ETAs, health and a cap that an OOM lowered.
         self._last_step = time.monotonic()
+        self._recover_cap()
         self.metrics.running = len(self.engine.rows)
         # 3. Fan the new text out to each request's handle.
         self._deliver(outputs)
@@ -385,15 +391,14 @@ class Worker:
 
     def _shrink_after_oom(self) -> None:
         """Halve the running cap, put the newest rows back at the head of their queues, and retry."""
-        self._faults["oom_events"] += 1
         rows = self.engine.rows
         new_cap = max(1, len(rows) // 2)
         if len(rows) == 1:  # even one story does not fit: fail it rather than loop
+            self._faults["oom_events"] += 1
             self._fail(self._jobs[rows[0].seq_id], torch.OutOfMemoryError("out of memory with a single story"))
             self.engine.abort_all()
             return
-        logger.warning("out of memory with %s rows; running cap lowered to %s", len(rows), new_cap)
-        self.engine.max_batch = new_cap
+        self._lower_cap(new_cap)
         with self._cond:
             for seq in list(reversed(rows[new_cap:])):
                 self.engine.abort(seq.seq_id)
@@ -402,6 +407,22 @@ class Worker:
                                        self._jobs[seq.seq_id])
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    def _lower_cap(self, cap: int) -> None:
+        self._faults["oom_events"] += 1
+        self._clean_steps = 0
+        logger.warning("out of memory with %s rows running; running cap lowered to %s", len(self.engine.rows), cap)
+        self.engine.max_batch = cap
+
+    def _recover_cap(self) -> None:
+        if self.engine.max_batch >= self.full_batch:
+            return
+        self._clean_steps += 1
+        if self._clean_steps >= self.cap_recovery_steps:
+            self._clean_steps = 0
+            self.engine.max_batch += 1
+            logger.info("running cap raised to %s after %s steps without running out of memory",
+                        self.engine.max_batch, self.cap_recovery_steps)
 
     def _settle(self, job: _Job, story: Story | None, error: BaseException | None, state: str,
                 admitted: bool = True, outcome: str | None = None) -> None:

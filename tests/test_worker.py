@@ -202,15 +202,21 @@ async def test_a_failing_decode_step_fails_that_batch_and_goes_on(lm, tmp_path, 
         assert worker.health()["step_failures"] == 1
 
 
-async def test_out_of_memory_lowers_the_cap_and_retries(lm, tmp_path, gate):
+async def test_out_of_memory_lowers_the_cap_retries_and_later_raises_it(lm, tmp_path, gate):
     gate.fail_when = lambda ids: torch.OutOfMemoryError("CUDA out of memory") if ids.shape[0] > 2 else None
     config = _config(lm, tmp_path, max_batch=4, max_per_user=10)
     async with Worker(lm, config) as worker:
         handles = [await worker.submit(_request(i, params=replace(GREEDY, length=15))) for i in range(4)]
         stories = await asyncio.gather(*handles)
-        health = worker.health()
+        lowered = worker.health()
+        gate.fail_when = None  # memory is free again
+        worker.cap_recovery_steps = 5
+        more = [await worker.submit(_request(10 + i, params=replace(GREEDY, length=15))) for i in range(4)]
+        await asyncio.gather(*more)
+        recovered = worker.health()
     assert all(s.text for s in stories)
-    assert health["oom_events"] >= 1 and health["max_batch"] <= 2
+    assert lowered["oom_events"] >= 1 and lowered["max_batch"] <= 2
+    assert recovered["max_batch"] > lowered["max_batch"] and recovered["oom_events"] == lowered["oom_events"]
 
 
 async def test_bad_requests_are_refused_before_queueing(lm, tmp_path):
