@@ -24,4 +24,7 @@ USER storybot
 VOLUME /data
 
 # Dequantise the default model into the cache at first start (about 15 s), then start fast.
+# On `docker stop` the bot drains for BOT_SHUTDOWN_GRACE_S (30 s); stop with `-t 40` so Docker
+# does not kill it first (its default wait is 10 s).
+STOPSIGNAL SIGTERM
 CMD ["python", "-m", "bot"]

@@ -1,7 +1,9 @@
 """`python -m bot`: read the config, load the model, start the worker and the front-ends.
 
 Discord and Slack run side by side in one process and share one worker. SIGINT or
-SIGTERM stops the front-ends first, then the worker, then closes the database.
+SIGTERM first drains the worker while the front-ends stay connected: new commands are
+told the bot is shutting down, and stories in hand get BOT_SHUTDOWN_GRACE_S to finish
+and be delivered. Then the front-ends stop, then the worker, then the database closes.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ async def serve(config: BotConfig, storygen_config: StorygenConfig, stop: asynci
         logger.info("serving on %s", ", ".join(type(e).__name__ for e in ends))
         await stop.wait()
     finally:
+        if not await worker.drain(config.shutdown_grace_s):
+            logger.warning("stopping with stories unfinished after %.0f s; their users are told to retry",
+                           config.shutdown_grace_s)
         for end in reversed(ends):
             await end.stop()
         await worker.stop()

@@ -32,6 +32,7 @@ class BotConfig:
     slack_http_port: int = 3000
     slack_http_path: str = "/slack/events"
     stream_interval_s: float = 1.0  # edit a streaming message at most this often
+    shutdown_grace_s: float = 30.0  # on SIGTERM, stories in hand get this long to finish
     log_level: str = "INFO"
 
     @property
@@ -62,6 +63,7 @@ class BotConfig:
             slack_http_port=env.int("SLACK_HTTP_PORT", 3000, 1, 65535),
             slack_http_path=env.str("SLACK_HTTP_PATH", "/slack/events"),
             stream_interval_s=env.float("BOT_STREAM_INTERVAL_S", 1.0, 0.2, 30),
+            shutdown_grace_s=env.float("BOT_SHUTDOWN_GRACE_S", 30.0, 0, 3600),
             log_level=env.choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")).upper(),
         )
         config.check()

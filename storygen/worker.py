@@ -125,6 +125,9 @@ class _Job:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+_SERVING = ("running", "draining")  # states in which the engine loop goes on
+
+
 class Worker:
     """Many users, one model. Start it inside a running event loop."""
 
@@ -170,7 +173,7 @@ class Worker:
     async def stop(self) -> None:
         """Stop the engine loop; whatever is queued or running fails with a clear error."""
         with self._cond:
-            if self._state != "running":
+            if self._state not in _SERVING:
                 return
             self._state = "stopping"
             self._cond.notify_all()
@@ -181,6 +184,22 @@ class Worker:
                 admitted = self._queue.remove(key) is None
                 self._settle(job, None, WorkerUnavailableError("shutting down"), "failed", admitted=admitted)
             self._state = "stopped"
+
+    async def drain(self, grace_s: float) -> bool:
+        """Refuse new requests ("shutting down") and give those in hand up to grace_s to finish.
+
+        Returns whether all of them did; `stop()` then fails whatever is left.
+        """
+        with self._cond:
+            if self._state != "running":
+                return not self._jobs
+            self._state = "draining"
+            waiting = len(self._jobs)
+        logger.info("draining: %s stories in hand, up to %.0f s", waiting, grace_s)
+        deadline = time.monotonic() + grace_s
+        while self._jobs and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return not self._jobs
 
     async def __aenter__(self) -> Worker:
         await self.start()
@@ -243,7 +262,7 @@ class Worker:
 
     def health(self) -> dict:
         with self._cond:
-            stalled = self._state == "running" and self.engine.rows and time.monotonic() - self._last_step > 60
+            stalled = self._state in _SERVING and self.engine.rows and time.monotonic() - self._last_step > 60
             return {
                 "state": "stalled" if stalled else self._state,
                 "queued": len(self._queue), "running": len(self.engine.rows), "max_batch": self.engine.max_batch,
@@ -260,9 +279,9 @@ class Worker:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while self._state == "running" and not len(self._queue) and not self.engine.rows:
+                while self._state in _SERVING and not len(self._queue) and not self.engine.rows:
                     self._cond.wait()
-                if self._state != "running":
+                if self._state not in _SERVING:
                     return
                 self._expire_and_abort(time.monotonic())
                 admitted = self._admit()

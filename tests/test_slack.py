@@ -228,6 +228,30 @@ async def test_python_m_bot_serves_slack(fake_slack, tiny_dirs, tmp_path):  # no
     assert fake_slack.socket.connections and not serving.exception()
 
 
+async def test_shutdown_lets_a_running_story_finish_and_turns_new_ones_away(
+        fake_slack, lm, gate, tmp_path, monkeypatch):  # noqa: F811
+    import bot.__main__ as entry
+
+    monkeypatch.setattr(entry, "load_model", lambda config: lm)  # the tiny model, with the gate on it
+    config = BotConfig(slack_bot_token=Secret(BOT_TOKEN), slack_app_token=Secret(APP_TOKEN),
+                       slack_api_url=fake_slack.base_url, shutdown_grace_s=30)
+    stop = asyncio.Event()
+    serving = asyncio.create_task(serve(config, tiny_config(lm.name, "instruct", tmp_path), stop))
+    await fake_slack.socket.wait_connected(timeout=30)
+    gate.open.clear()
+    await fake_slack.socket.deliver("slash_commands", fake_slack.slash_command("drama Tale length=5"))
+    await asyncio.to_thread(gate.entered.wait, 5)  # Alice's story is in the model
+    stop.set()  # SIGTERM
+    await asyncio.sleep(0.3)
+    late = await fake_slack.socket.deliver("slash_commands", fake_slack.slash_command("drama Another", user_id=BOB))
+    assert late.payload["text"] == escape("the story engine is shutting down; try again shortly")
+    gate.open.set()
+    done = await finished(fake_slack)  # delivered in full while the bot was still connected
+    assert sections(blocks(done))[0].startswith("Tale")
+    await asyncio.wait_for(serving, 15)
+    assert not serving.exception()
+
+
 # ---- the manifest
 
 

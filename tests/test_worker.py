@@ -252,3 +252,29 @@ async def test_metrics_after_some_stories(lm, tmp_path):
     assert snapshot["requests"]["ok"] == 3 and snapshot["tokens_total"] > 0
     assert snapshot["ttft_p50_s"] is not None and snapshot["latency_p95_s"] >= snapshot["ttft_p50_s"]
     assert 'storygen_ttft_seconds_bucket{le="+Inf"} 3' in text and "storygen_queue_depth 0" in text
+
+
+async def test_drain_refuses_newcomers_and_lets_stories_in_hand_finish(lm, tmp_path, gate):
+    async with Worker(lm, _config(lm, tmp_path, max_per_user=5)) as worker:
+        gate.open.clear()
+        running = await worker.submit(_request(1))
+        queued = await worker.submit(_request(2))
+        await _until(gate.entered.is_set)
+        draining = asyncio.create_task(worker.drain(30))
+        await _until(lambda: worker.health()["state"] == "draining")
+        with pytest.raises(WorkerUnavailableError, match="shutting down; try again shortly"):
+            await worker.submit(_request(3))
+        gate.open.set()
+        assert await draining is True
+        assert (await running).text and (await queued).text
+
+
+async def test_drain_gives_up_after_its_grace_and_stop_fails_the_rest(lm, tmp_path, gate):
+    async with Worker(lm, _config(lm, tmp_path)) as worker:
+        gate.open.clear()
+        stuck = await worker.submit(_request(1))
+        await _until(gate.entered.is_set)
+        assert await worker.drain(0.2) is False
+        asyncio.get_running_loop().call_later(0.2, gate.open.set)  # after stop() has begun
+    with pytest.raises(WorkerUnavailableError, match="shutting down"):
+        await stuck
