@@ -29,11 +29,11 @@ NO_MENTIONS = discord.AllowedMentions.none()
 ZWSP = "\u200b"
 
 _EVERYONE = re.compile(r"@(?=(?:everyone|here)\b)", re.IGNORECASE)
-_MENTION = re.compile(r"<(@[!&]?|#)(?=\d)")  # <@user>, <@!user>, <@&role>, <#channel>
+_MENTION = re.compile(r"<(@[!&]?)(?=\d)")  # <@user>, <@!user>, <@&role>; <#channel> notifies nobody
 
 
 def neutralise(text: str) -> str:
-    """Make @everyone, @here and user, role and channel mentions inert text.
+    """Make @everyone, @here and user and role mentions inert text (a <#channel> link pings nobody).
 
     A zero-width space after the sigil keeps them readable but stops Discord from
     parsing them; allowed_mentions=none on every send is the second lock on the door.

@@ -211,8 +211,7 @@ class StoryService:
     def _check_server_rules(self, ctx: ChatContext) -> ServerSettings:
         server = self.state.server(ctx.server_key)
         if server.allowed_channels and ctx.channel not in server.allowed_channels:
-            raise NotAllowedError(messages.CHANNEL_NOT_ALLOWED.format(
-                channels=", ".join(server.allowed_channels)))
+            raise NotAllowedError(messages.CHANNEL_NOT_ALLOWED.format(channels=_channel_list(server)))
         last = self._last_start.get(ctx.user_key)
         if server.cooldown_s and last is not None:
             left = server.cooldown_s - (time.monotonic() - last)
@@ -243,11 +242,16 @@ def _check_admin_values(changes: dict[str, object], limits: SamplingLimits) -> N
 
 
 def describe_server(server: ServerSettings, limits: SamplingLimits) -> list[str]:
-    channels = ", ".join(server.allowed_channels) or "all channels"
+    channels = _channel_list(server) or "all channels"
     return [f"• channels: {channels}",
             f"• max length: {server.max_length or limits.max_length}",
             f"• max temperature: {server.max_temperature if server.max_temperature is not None else limits.max_temperature:g}",
             f"• cooldown: {server.cooldown_s:g} s"]
+
+
+def _channel_list(server: ServerSettings) -> str:
+    """Channel references as <#id>, which Discord and Slack both show as the channel's name."""
+    return ", ".join(f"<#{channel}>" for channel in server.allowed_channels)
 
 
 _SENTENCE_START = re.compile(r"(?<=[.!?…])[\"'”’)\]]*\s+")

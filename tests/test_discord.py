@@ -34,7 +34,7 @@ CHANNEL_POST = "POST /channels/{channel_id}/messages"
 CHANNEL_EDIT = "PATCH /channels/{channel_id}/messages/{message_id}"
 ADMIN = str(int(obj.MEMBER_PERMISSIONS) | 1 << 5)  # Manage Server
 STORY = "The ship drifted. Stars went out. Nobody answered."
-RAW_MENTION = re.compile(r"<[@#][!&]?\d|@(everyone|here)")
+RAW_MENTION = re.compile(r"<@[!&]?\d|@(everyone|here)")  # what would ping; a <#channel> link does not
 
 
 @pytest.fixture(scope="session")
@@ -258,7 +258,7 @@ async def test_model_output_and_echoed_prompts_never_ping(fake_discord, bot):
     payload = await run(fake_discord, "story", {"genre": "drama", "prompt": "[mentions] Dear <@!42> and @everyone,"})
     done = (await finished(fake_discord, payload)).json
     text = done["embeds"][0]["description"]
-    assert "@\u200beveryone cheered, <@&\u200b4242> waved at <@\u200b1234> in <#\u200b5678>, and @\u200bhere" in text
+    assert "@\u200beveryone cheered, <@&\u200b4242> waved at <@\u200b1234> in <#5678>, and @\u200bhere" in text
     assert text.startswith("[mentions] Dear <@!\u200b42> and @\u200beveryone,")
     for request in sent_by_bot(fake_discord):
         body = json.dumps(request.json, ensure_ascii=False)
@@ -469,7 +469,7 @@ async def test_storyadmin_needs_manage_server_and_persists(fake_discord, bot):
     saved = await run(fake_discord, "storyadmin", {"allow_channel": fake_discord.channel, "max_length": 50,
                                                    "max_temperature": 1.5, "cooldown": 30.0}, member_permissions=ADMIN)
     assert await line(fake_discord, saved) == ("Server story settings saved:\n"
-                                               f"• channels: {fake_discord.channel['id']}\n• max length: 50\n"
+                                               f"• channels: <#{fake_discord.channel['id']}>\n• max length: 50\n"
                                                "• max temperature: 1.5\n• cooldown: 30 s")
     server = bot.service.state.server(f"discord:{fake_discord.guild['id']}")
     assert server.allowed_channels == (fake_discord.channel["id"],) and server.max_length == 50
@@ -520,7 +520,7 @@ async def test_refused_by_server_rules(fake_discord, scripted_lm, model, tmp_pat
                   member_permissions=ADMIN)
         here = await run(fake_discord, "story", {"genre": "drama", "prompt": "Here"})
         assert await refused(fake_discord, here) == ("Stories are not enabled in this channel; ask an admin, "
-                                                      f"or use one of: {stories['id']}")
+                                                      f"or use one of: <#{stories['id']}>")
         capped = await run(fake_discord, "story", {"genre": "drama", "prompt": "x", "length": 80}, channel=stories)
         assert await refused(fake_discord, capped) == ("length=80 is out of range; allowed: 1 to 50 tokens")
         await finished(fake_discord, await run(fake_discord, "story", {"genre": "drama", "prompt": "There"},

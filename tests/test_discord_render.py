@@ -8,7 +8,7 @@ from bot.discord_render import MAX_PAGES, PAGE_CHARS, StoryProgress, neutralise,
 @pytest.mark.parametrize("raw, safe", [
     ("hi @everyone and @here", "hi @\u200beveryone and @\u200bhere"),
     ("@Everyone", "@\u200bEveryone"),
-    ("<@123> <@!456> <@&789> <#1011>", "<@\u200b123> <@!\u200b456> <@&\u200b789> <#\u200b1011>"),
+    ("<@123> <@!456> <@&789> <#1011>", "<@\u200b123> <@!\u200b456> <@&\u200b789> <#1011>"),
     ("<@alice> @someone a@b.c <#general>", "<@alice> @someone a@b.c <#general>"),  # not mentions: untouched
 ])
 def test_neutralise(raw, safe):

@@ -60,7 +60,7 @@ async def test_admin_rules(story_service):
     with pytest.raises(NotAllowedError, match="Manage Server"):
         story_service.admin(ALICE, cooldown_s=5)
     story_service.admin(ADMIN, allowed_channels=("c2",), max_length=50, cooldown_s=60)
-    with pytest.raises(NotAllowedError, match="not enabled in this channel; .* c2"):
+    with pytest.raises(NotAllowedError, match="not enabled in this channel; .* <#c2>"):
         await story_service.story(ALICE, StoryCommand("Tale", "drama"))
     elsewhere = ChatContext("discord", "g1", "c2", "alice")
     from storygen.errors import SettingRangeError
