@@ -36,7 +36,8 @@ async def test_the_worker_decodes_on_the_model_thread_and_holds_it(lm, tmp_path)
     config = tiny_config(lm.name, "instruct", tmp_path)
     try:
         async with Worker(lm, config) as worker:
-            story = await (await worker.submit(StoryRequest("r1", "api:u", "drama", "Once", SamplingParams(length=5))))
+            request = StoryRequest("r1", "api:u", "drama", "Once", SamplingParams(length=5, seed=1))
+            story = await (await worker.submit(request))
             with pytest.raises(RuntimeError, match="one worker per process owns the model"):
                 model_thread.call(len, "waits for ever otherwise")
             second = Worker(lm, config)

@@ -229,7 +229,7 @@ async def test_python_m_bot_serves_slack(fake_slack, tiny_dirs, tmp_path):  # no
 
 
 async def test_shutdown_lets_a_running_story_finish_and_turns_new_ones_away(
-        fake_slack, lm, gate, tmp_path, monkeypatch):  # noqa: F811
+        fake_slack, lm, gate, endless, tmp_path, monkeypatch):  # noqa: F811
     import bot.__main__ as entry
 
     monkeypatch.setattr(entry, "load_model", lambda config: lm)  # the tiny model, with the gate on it
