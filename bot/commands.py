@@ -11,6 +11,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 
+from bot.state import ServerSettings
 from storygen.errors import UnknownSettingError, ValidationError
 from storygen.genres import AUTO, find_genre, is_auto
 from storygen.sampling import USER_SETTINGS, parse_setting
@@ -18,7 +19,7 @@ from storygen.settings import SAVED_SETTINGS
 
 logger = logging.getLogger(__name__)
 
-SUBCOMMANDS = ("help", "genres", "settings", "queue", "cancel", "continue")
+SUBCOMMANDS = ("help", "genres", "settings", "queue", "cancel", "continue", "admin")
 _OPTION = re.compile(r"^([A-Za-z_][A-Za-z0-9_\-]{0,30})=(\S*)$")
 MAX_INPUT_CHARS = 4000  # Slack allows 4,000 characters of command text; anything longer is not a typo
 
@@ -43,7 +44,34 @@ class SimpleCommand:
     name: str  # help, genres, queue, cancel, continue
 
 
-Command = StoryCommand | SettingsCommand | SimpleCommand
+@dataclass(frozen=True)
+class AdminCommand:
+    """A server admin's limits (Discord's /storyadmin, Slack's `/story admin`); None leaves one as it is."""
+
+    allow_channel: str | None = None
+    disallow_channel: str | None = None
+    all_channels: bool | None = None
+    max_length: int | None = None
+    max_temperature: float | None = None
+    cooldown_s: float | None = None
+
+    def changes(self, current: ServerSettings) -> dict[str, object]:
+        """An allow-list: an empty one means every channel."""
+        channels = None
+        if self.all_channels:
+            channels = ()
+        if self.allow_channel or self.disallow_channel:
+            kept = [] if self.all_channels else list(current.allowed_channels)
+            if self.allow_channel and self.allow_channel not in kept:
+                kept.append(self.allow_channel)
+            if self.disallow_channel in kept:
+                kept.remove(self.disallow_channel)
+            channels = tuple(kept)
+        return {"allowed_channels": channels, "max_length": self.max_length,
+                "max_temperature": self.max_temperature, "cooldown_s": self.cooldown_s}
+
+
+Command = StoryCommand | SettingsCommand | SimpleCommand | AdminCommand
 
 
 class CommandError(ValidationError):
@@ -82,20 +110,22 @@ def _leading_genre(words: list[str]) -> tuple[str | None, list[str]]:
     return None, words
 
 
-def parse_command_text(text: str) -> Command:
-    """Parse the text after `/story`; raises CommandError or a ValidationError with one readable line."""
+def parse_command_text(text: str, channel: str = "") -> Command:
+    """Parse the text after `/story` (typed in `channel`); raises CommandError or a ValidationError, one line."""
     if len(text) > MAX_INPUT_CHARS:
         raise CommandError(f"that is {len(text)} characters; a command can be at most {MAX_INPUT_CHARS}")
     words = text.split()
     if not words:
         return SimpleCommand("help")
     first = words[0].lower().lstrip("/")
-    if first in SUBCOMMANDS and first != "settings":
+    if first in SUBCOMMANDS and first not in ("settings", "admin"):
         if len(words) > 1 and first != "continue":
             raise CommandError(f"`{first}` takes nothing after it; try `/story {first}`")
         return SimpleCommand(first)
     if first == "settings":
         return parse_settings_words(words[1:])
+    if first == "admin":
+        return parse_admin_words(words[1:], channel)
     words, options = _split_trailing_options(words)
     genre, words = _leading_genre(words)
     prompt = " ".join(words)
@@ -123,6 +153,42 @@ def parse_settings_words(words: list[str]) -> SettingsCommand:
     if not values:
         raise CommandError("nothing to set; e.g. `/story settings temperature=1.1 length=150`")
     return SettingsCommand("set", values)
+
+
+ADMIN_USAGE = ("`/story admin` shows the server's limits; change them with `allow` or `disallow` (this channel), "
+               "`everywhere`, `max_length=N`, `max_temperature=T`, `cooldown=SECONDS`")
+_ADMIN_NUMBERS = {"max_length": (int, "a whole number"), "max_temperature": (float, "a number"),
+                  "cooldown": (float, "a number of seconds")}
+
+
+def parse_admin_words(words: list[str], channel: str) -> AdminCommand:
+    """`/story admin [allow|disallow|everywhere] [max_length=N max_temperature=T cooldown=S]`.
+
+    allow and disallow act on `channel`, the one the command was typed in: no channel names
+    to resolve, and an admin sees at once where stories are on.
+    """
+    if words in ([], ["show"]):
+        return AdminCommand()
+    changes: dict[str, object] = {}
+    for word in words:
+        lowered = word.lower()
+        if lowered == "allow":
+            changes["allow_channel"] = channel
+        elif lowered == "disallow":
+            changes["disallow_channel"] = channel
+        elif lowered in ("everywhere", "all_channels"):
+            changes["all_channels"] = True
+        elif (match := _OPTION.match(word)) and match.group(1).lower() in _ADMIN_NUMBERS:
+            name, raw = match.group(1).lower(), match.group(2)
+            kind, wording = _ADMIN_NUMBERS[name]
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise CommandError(f"{name}={raw!r} is not {wording}") from None
+            changes["cooldown_s" if name == "cooldown" else name] = value
+        else:
+            raise CommandError(f"{word!r} is not an admin setting. {ADMIN_USAGE}")
+    return AdminCommand(**changes)
 
 
 def _keep_line_breaks(original: str, joined: str) -> str:

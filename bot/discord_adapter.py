@@ -21,13 +21,13 @@ import discord
 from discord import app_commands
 
 from bot import messages
-from bot.commands import Command, CommandError, SettingsCommand, SimpleCommand, StoryCommand, parse_command_text
+from bot.commands import (AdminCommand, Command, CommandError, SettingsCommand, SimpleCommand, StoryCommand,
+                          parse_command_text)
 from bot.config import DISCORD_API, DISCORD_GATEWAY, BotConfig
 from bot.discord_delivery import TOKEN_TTL_S, StoryDelivery
 from bot.discord_endpoints import point_discord_at
 from bot.discord_render import NO_MENTIONS, StoryButton, to_discord_line
 from bot.service import ChatContext, Started, StoryService, user_message
-from bot.state import ServerSettings
 from storygen.errors import ConfigError, UnknownGenreError
 from storygen.genres import AUTO, find_genre, genre_names, is_auto
 from storygen.sampling import USER_SETTINGS
@@ -42,33 +42,6 @@ START_TIMEOUT_S = 60.0  # start() returns after this even if Discord is slow; th
 class ButtonPress:
     action: str  # continue, regenerate, cancel
     request_id: str
-
-
-@dataclass(frozen=True)
-class AdminCommand:
-    """/storyadmin's options; None leaves a setting as it is."""
-
-    allow_channel: str | None = None
-    disallow_channel: str | None = None
-    all_channels: bool | None = None
-    max_length: int | None = None
-    max_temperature: float | None = None
-    cooldown_s: float | None = None
-
-    def changes(self, current: ServerSettings) -> dict[str, object]:
-        """An allow-list: an empty one means every channel."""
-        channels = None
-        if self.all_channels:
-            channels = ()
-        if self.allow_channel or self.disallow_channel:
-            kept = [] if self.all_channels else list(current.allowed_channels)
-            if self.allow_channel and self.allow_channel not in kept:
-                kept.append(self.allow_channel)
-            if self.disallow_channel in kept:
-                kept.remove(self.disallow_channel)
-            channels = tuple(kept)
-        return {"allowed_channels": channels, "max_length": self.max_length,
-                "max_temperature": self.max_temperature, "cooldown_s": self.cooldown_s}
 
 
 DiscordCommand = Command | ButtonPress | AdminCommand
@@ -124,6 +97,8 @@ def to_story_command(genre: str, prompt: str, options: dict[str, object]) -> Com
     if prompt and len(genre.split()) == 1:
         raise UnknownGenreError(genre[:40], [*genre_names(), AUTO])
     command = parse_command_text(f"{genre} {prompt}".strip())
+    if isinstance(command, AdminCommand) and command != AdminCommand():
+        raise CommandError("change the server's story settings with /storyadmin")
     if isinstance(command, StoryCommand):
         return replace(command, overrides={**command.overrides, **options})
     return command

@@ -18,7 +18,8 @@ HELP = """\
 • `/story settings`: your defaults; `/story settings temperature=1.1 length=150` to change them; `/story settings reset`
 • `/story queue`: where your story is in line
 • `/story cancel`: stop your story
-• `/story continue`: carry on your last story in this channel"""
+• `/story continue`: carry on your last story in this channel
+• `/story admin` (workspace admins): `allow` or `disallow` this channel, `everywhere`, `max_length=N`, `max_temperature=T`, `cooldown=SECONDS`"""
 
 QUEUED = "⏳ queued, #{position} in line (about {eta} s)"
 STARTED = "✍️ writing…"
@@ -34,7 +35,8 @@ SETTINGS_SAVED = "Saved. Your settings now:"
 SETTINGS_RESET = "Your settings are back to the server defaults:"
 CHANNEL_NOT_ALLOWED = "Stories are not enabled in this channel; ask an admin, or use one of: {channels}"
 COOLDOWN = "You're on cooldown: try again in {seconds} s."
-ADMIN_ONLY = "Only members with Manage Server can change the server's story settings."
+ADMIN_ONLY = ("Only admins can see or change the server's story settings "
+              "(Manage Server on Discord; workspace admins and owners on Slack).")
 ADMIN_SAVED = "Server story settings saved:"
 ADMIN_SHOW = "Server story settings:"
 STORY_FOOTER = "{genre} · {tokens} tokens · seed {seed}{ending}"

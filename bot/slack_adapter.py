@@ -17,6 +17,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
+from dataclasses import replace
 from collections.abc import Awaitable
 from typing import Any
 
@@ -31,11 +32,11 @@ from slack_sdk.http_retry.builtin_async_handlers import (AsyncConnectionErrorRet
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import messages
-from bot.commands import (Command, SettingsCommand, SimpleCommand, StoryCommand, parse_command_text,
-                          parse_settings_words)
+from bot.commands import (AdminCommand, Command, SettingsCommand, SimpleCommand, StoryCommand,
+                          parse_command_text, parse_settings_words)
 from bot.config import BotConfig
 from bot.service import ChatContext, Started, StoryService, user_message
-from bot.slack_render import CANCEL, CONTINUE, REGENERATE, SlackLimits, escape, unescape
+from bot.slack_render import CANCEL, CONTINUE, REGENERATE, SlackLimits, escape, link_channels, unescape
 from bot.slack_stream import StoryWriter, tell
 from storygen.errors import ConfigError
 
@@ -53,7 +54,7 @@ def to_chat_request(body: dict[str, Any]) -> tuple[ChatContext, Command]:
     text = unescape(body.get("text") or "")
     if body.get("command") == SETTINGS_COMMAND:
         return ctx, parse_settings_words(text.split())
-    return ctx, parse_command_text(text)
+    return ctx, parse_command_text(text, ctx.channel)
 
 
 def to_action_request(body: dict[str, Any]) -> tuple[ChatContext, str, str]:
@@ -194,11 +195,13 @@ class SlackFrontEnd:
         started: Started | None = None
         try:
             ctx, command = to_chat_request(body)
+            if isinstance(command, AdminCommand):
+                ctx = replace(ctx, is_admin=await self._is_admin(client, ctx.user))
             started = await self._start(ctx, command)
             reply = queued_line(started) if started else self._answer(ctx, command)
         except Exception as error:
             reply = user_message(error, f"for {_user_key(body)}")
-        await ack(escape(reply))
+        await ack(link_channels(escape(reply)))
         if started is not None:
             await self.writer.write(client, ctx, started, respond)
 
@@ -209,10 +212,22 @@ class SlackFrontEnd:
             return await self.service.continue_last(ctx)
         return None
 
+    async def _is_admin(self, client: AsyncWebClient, user: str) -> bool:
+        """Workspace admins and owners may set the server's limits (users.info, scope users:read)."""
+        try:
+            info = (await client.users_info(user=user))["user"]
+        except SlackApiError as error:
+            logger.warning("users.info for %s failed (%s); treating them as not an admin", user,
+                           error.response.get("error"))
+            return False
+        return bool(info.get("is_admin") or info.get("is_owner") or info.get("is_primary_owner"))
+
     def _answer(self, ctx: ChatContext, command: Command) -> str:
         """Everything that is not a story is answered in the ack."""
         if isinstance(command, SettingsCommand):
             return self.service.user_settings(ctx, command)
+        if isinstance(command, AdminCommand):
+            return self.service.admin(ctx, **command.changes(self.service.state.server(ctx.server_key)))
         return {
             "help": lambda: messages.HELP,
             "genres": messages.genres_text,

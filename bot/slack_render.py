@@ -58,6 +58,14 @@ def escape(text: str) -> str:
     return _BROADCAST.sub("@\u200b\\1", text)
 
 
+_ESCAPED_CHANNEL = re.compile(r"&lt;#([A-Z0-9]+)&gt;")
+
+
+def link_channels(escaped: str) -> str:
+    """Turn escaped <#C123> references back into channel links (they notify nobody)."""
+    return _ESCAPED_CHANNEL.sub(r"<#\1>", escaped)
+
+
 def unescape(text: str) -> str:
     """Slack sends &, < and > escaped in a command's text; the model should see them plain."""
     return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")

@@ -1,6 +1,6 @@
 import pytest
 
-from bot.commands import CommandError, SettingsCommand, SimpleCommand, StoryCommand, parse_command_text
+from bot.commands import AdminCommand, CommandError, SettingsCommand, SimpleCommand, StoryCommand, parse_command_text
 from storygen.errors import SettingRangeError, UnknownSettingError
 
 
@@ -39,3 +39,22 @@ def test_errors_are_one_clear_line(text, error, fragment):
     with pytest.raises(error) as caught:
         parse_command_text(text)
     assert fragment in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("admin", AdminCommand()),
+    ("admin show", AdminCommand()),
+    ("admin allow max_length=50 cooldown=30", AdminCommand(allow_channel="C1", max_length=50, cooldown_s=30.0)),
+    ("admin disallow", AdminCommand(disallow_channel="C1")),
+    ("admin everywhere max_temperature=1.2", AdminCommand(all_channels=True, max_temperature=1.2)),
+])
+def test_admin_grammar_acts_on_the_channel_it_is_typed_in(text, expected):
+    assert parse_command_text(text, channel="C1") == expected
+
+
+def test_admin_typed_in_discords_genre_box_points_at_storyadmin():
+    from bot.discord_adapter import to_story_command
+
+    assert to_story_command("admin", "", {}) == AdminCommand()  # showing is harmless
+    with pytest.raises(CommandError, match="with /storyadmin"):
+        to_story_command("admin allow", "", {})  # the whole command typed in the genre box

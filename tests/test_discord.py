@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from bot import messages
 from bot.commands import CommandError, SimpleCommand, StoryCommand
 from bot.config import BotConfig
 from bot.discord_adapter import DiscordFrontEnd, to_story_command
@@ -463,7 +464,7 @@ async def test_genres_lists_each_with_an_example(fake_discord, bot):
 
 async def test_storyadmin_needs_manage_server_and_persists(fake_discord, bot):
     refused = await line(fake_discord, await run(fake_discord, "storyadmin", {"cooldown": 5.0}))
-    assert refused == "Only members with Manage Server can change the server's story settings."
+    assert refused == messages.ADMIN_ONLY
     shown = await line(fake_discord, await run(fake_discord, "storyadmin", member_permissions=ADMIN))
     assert shown.startswith("Server story settings:\n• channels: all channels")
     saved = await run(fake_discord, "storyadmin", {"allow_channel": fake_discord.channel, "max_length": 50,

@@ -24,7 +24,7 @@ from tests.conftest import tiny_config
 from tests.fakes.bolt_http import FORM, SlackSender
 from tests.fakes.fake_slack import fake_slack  # noqa: F401  (fixture)
 from tests.fakes.slack_payloads import form_body, retry_headers
-from tests.fakes.workspace import ALICE, APP_TOKEN, BOB, BOT_TOKEN, STORIES, TEAM_ID
+from tests.fakes.workspace import ALICE, APP_TOKEN, BOB, BOT_SCOPES, BOT_TOKEN, STORIES, TEAM_ID
 from tests.slack_helpers import endless, frontends, gate, lm, service, slack  # noqa: F401  (fixtures)
 from tests.slack_helpers import (POSTED, SECRET, blocks, buttons, ended, ephemeral, finished, queued_or_writing,
                                  request_id_of, sections, status)
@@ -260,5 +260,5 @@ def test_manifest_matches_the_app():
     commands = {c["command"] for c in manifest["features"]["slash_commands"]}
     assert commands == {STORY_COMMAND, SETTINGS_COMMAND}
     assert manifest["settings"]["interactivity"]["is_enabled"] is True  # the buttons
-    assert {"commands", "chat:write", "chat:write.public", "files:write"} <= set(manifest["oauth_config"]["scopes"]["bot"])
+    assert set(manifest["oauth_config"]["scopes"]["bot"]) == set(BOT_SCOPES.split(","))  # what the fake grants
     assert manifest["settings"]["socket_mode_enabled"] is True and "event_subscriptions" not in manifest["settings"]

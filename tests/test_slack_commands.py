@@ -162,3 +162,40 @@ async def test_stopping_tells_stories_in_progress(fake_slack, frontends, gate): 
     await ended(fake_slack, escape(messages.STORY_STOPPED))
 
 
+
+
+# ---- /story admin: workspace admins set the server's limits
+
+
+async def test_admin_is_for_workspace_admins_and_limits_where_and_how_long(fake_slack, slack):  # noqa: F811
+    from tests.fakes.workspace import GENERAL, STORIES
+
+    refused = await slack.slash_command(fake_slack.slash_command("admin allow"))
+    assert refused.text == escape(messages.ADMIN_ONLY)
+    fake_slack.workspace.users[ALICE]["is_admin"] = True  # as users.info reports it
+    saved = await slack.slash_command(fake_slack.slash_command("admin allow max_length=50 cooldown=0"))
+    assert saved.text.startswith(messages.ADMIN_SAVED)
+    assert f"• channels: <#{STORIES}>" in saved.text and "• max length: 50" in saved.text  # a channel link
+    assert fake_slack.calls_to("users.info")[-1].args["user"] == ALICE
+
+    elsewhere = await slack.slash_command(fake_slack.slash_command("drama Tale", user_id=BOB, channel_id=GENERAL))
+    assert elsewhere.text == messages.CHANNEL_NOT_ALLOWED.format(channels=f"<#{STORIES}>")
+    too_long = await slack.slash_command(fake_slack.slash_command("drama Tale length=80", user_id=BOB))
+    assert "length=80 is out of range; allowed: 1 to 50 tokens" in too_long.text
+
+    everywhere = await slack.slash_command(fake_slack.slash_command("admin everywhere"))
+    assert "• channels: all channels" in everywhere.text
+    fake_slack.fail_next("users.info", "missing_scope")  # an app installed before users:read was added
+    assert (await slack.slash_command(fake_slack.slash_command("admin"))).text == escape(messages.ADMIN_ONLY)
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("admin max_length=abc", "max_length='abc' is not a whole number"),
+    ("admin cooldown=soon", "cooldown='soon' is not a number of seconds"),
+    ("admin volume=11", "'volume=11' is not an admin setting"),
+    ("admin max_temperature=9", "max_temperature=9.0 is out of range; allowed: 0 to 2"),
+])
+async def test_admin_mistakes_get_one_line(fake_slack, slack, text, fragment):  # noqa: F811
+    fake_slack.workspace.users[ALICE]["is_owner"] = True
+    delivery = await slack.slash_command(fake_slack.slash_command(text))
+    assert fragment in delivery.text and "\n" not in delivery.text

@@ -26,7 +26,7 @@ GENERAL = "C0GENERAL1"
 
 BOT_TOKEN = "xoxb-1234567890-0987654321-storybottest"
 APP_TOKEN = "xapp-1-A0STORYBOT-1234567890-storybottest"
-BOT_SCOPES = "commands,chat:write,chat:write.public,files:write"
+BOT_SCOPES = "commands,chat:write,chat:write.public,files:write,users:read"
 
 _ALPHANUM = string.ascii_uppercase + string.digits
 
