@@ -126,6 +126,7 @@ class _Job:
 
 
 _SERVING = ("running", "draining")  # states in which the engine loop goes on
+_UNAVAILABLE = {"stopped": "starting up", "failed": "down after an internal error (the operator has the log)"}
 
 
 class Worker:
@@ -174,6 +175,7 @@ class Worker:
         """Stop the engine loop; whatever is queued or running fails with a clear error."""
         with self._cond:
             if self._state not in _SERVING:
+                self._state = "stopped" if self._state == "failed" else self._state
                 return
             self._state = "stopping"
             self._cond.notify_all()
@@ -213,7 +215,7 @@ class Worker:
     async def submit(self, request: StoryRequest) -> StoryHandle:
         """Check and queue a request; raises QueueFullError or TooManyRequestsError at once when it can't."""
         if self._state != "running":
-            raise WorkerUnavailableError("starting up" if self._state == "stopped" else "shutting down")
+            raise WorkerUnavailableError(_UNAVAILABLE.get(self._state, "shutting down"))
         with self._tokenizer_lock:
             prepared = prepare(request, self.lm, self.config)
         handle = StoryHandle(self, prepared, asyncio.get_running_loop())
@@ -272,9 +274,16 @@ class Worker:
     # --- the engine loop, on the model thread ------------------------------------------------
 
     def _engine_loop_ended(self, future: Future[None]) -> None:
-        if (error := future.exception()) is not None:  # a bug in the loop itself, not a request's failure
-            self._last_error = f"engine loop crashed: {type(error).__name__}"
-            logger.critical("the engine loop crashed; the worker is down", exc_info=error)
+        """A bug in the loop itself, not a request's failure: say so to everyone waiting, and refuse new ones."""
+        if (error := future.exception()) is None:
+            return
+        self._last_error = f"engine loop crashed: {type(error).__name__}"
+        logger.critical("the engine loop crashed; the worker is down", exc_info=error)
+        with self._cond:
+            self._state = "failed"
+            for key, job in list(self._jobs.items()):
+                admitted = self._queue.remove(key) is None
+                self._settle(job, None, WorkerUnavailableError(_UNAVAILABLE["failed"]), "failed", admitted=admitted)
 
     def _run(self) -> None:
         while True:

@@ -5,6 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from storygen import model_thread
 from storygen.engine import Engine
 from storygen.errors import (DeadlineExceededError, GenerationFailedError, QueueFullError, RequestCancelledError,
                              TooManyRequestsError, WorkerUnavailableError)
@@ -278,3 +279,26 @@ async def test_drain_gives_up_after_its_grace_and_stop_fails_the_rest(lm, tmp_pa
         asyncio.get_running_loop().call_later(0.2, gate.open.set)  # after stop() has begun
     with pytest.raises(WorkerUnavailableError, match="shutting down"):
         await stuck
+
+
+async def test_a_crashed_engine_loop_fails_what_waits_and_refuses_new_requests(lm, tmp_path, gate, monkeypatch,
+                                                                               caplog):
+    async with Worker(lm, _config(lm, tmp_path, max_batch=1, max_per_user=5)) as worker:
+        gate.open.clear()
+        running = await worker.submit(_request(1))
+        queued = await worker.submit(_request(2))
+        await _until(gate.entered.is_set)
+
+        def broken(*args):
+            raise KeyError("a bookkeeping bug")
+
+        monkeypatch.setattr(worker, "_expire_and_abort", broken)  # the loop's next turn raises outside any request
+        gate.open.set()
+        for handle in (running, queued):
+            with pytest.raises(WorkerUnavailableError, match="down after an internal error"):
+                await handle
+        assert worker.health()["state"] == "failed" and "KeyError" in worker.health()["last_error"]
+        with pytest.raises(WorkerUnavailableError, match="down after an internal error"):
+            await worker.submit(_request(3))
+    assert "the engine loop crashed" in caplog.text and "a bookkeeping bug" in caplog.text
+    assert model_thread.call(len, "free") == 4  # the model thread is free for a new worker
