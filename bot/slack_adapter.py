@@ -142,6 +142,7 @@ class SlackFrontEnd:
             self._socket = AsyncSocketModeHandler(self.app, app_token=app_token)
             await self._socket.connect_async()
             logger.info("Slack: connected in Socket Mode")
+            await self.writer.mark_interrupted(self.app.client)
             return
         path = self.config.slack_http_path
         self._runner = web.AppRunner(self.app.web_app(path=path), access_log=None, shutdown_timeout=2.0)
@@ -150,6 +151,7 @@ class SlackFrontEnd:
         host, port = self._runner.addresses[0][:2]
         self.url = f"http://{host}:{port}{path}"
         logger.info("Slack: serving HTTP on %s", self.url)
+        await self.writer.mark_interrupted(self.app.client)
 
     async def stop(self) -> None:
         """Stop taking requests, then stop the stories in progress (each says so in its channel)."""

@@ -42,7 +42,7 @@ class StoryView:
     text: str  # the story so far (raw, unescaped)
     request_id: str
     user: str  # the requester's Slack user id
-    state: str = "writing"  # writing, done, cancelled, stopped
+    state: str = "writing"  # writing, done, cancelled, stopped, interrupted (by a crash, marked at the next start)
     footer: str = ""  # messages.footer(...) once done
 
 
@@ -121,7 +121,7 @@ def _section(text: str) -> dict[str, Any]:
 
 def _status(view: StoryView) -> dict[str, Any]:
     line = {"writing": messages.STARTED, "done": view.footer, "cancelled": messages.STORY_CANCELLED,
-            "stopped": messages.STORY_STOPPED}[view.state]
+            "stopped": messages.STORY_STOPPED, "interrupted": messages.STORY_INTERRUPTED}[view.state]
     parts = [escape(line)] if line else []
     if _USER_ID.fullmatch(view.user):
         parts.append(escape(messages.REQUESTED_BY).format(user=f"<@{view.user}>"))

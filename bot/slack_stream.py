@@ -44,11 +44,17 @@ async def tell(client: AsyncWebClient, ctx: ChatContext, text: str, respond: Any
 class StoryMessages:
     """The channel messages that show one story: posted once, then edited in place."""
 
-    def __init__(self, client: AsyncWebClient, channel: str, limits: SlackLimits) -> None:
+    def __init__(self, client: AsyncWebClient, channel: str, limits: SlackLimits,
+                 existing: tuple[str, ...] = ()) -> None:
         self.client = client
         self.channel = channel
         self.limits = limits
-        self._shown: list[tuple[str, SlackMessage]] = []  # (ts, what it shows now)
+        # (ts, what it shows now); messages an earlier run posted show something unknown
+        self._shown: list[tuple[str, SlackMessage | None]] = [(ts, None) for ts in existing]
+
+    @property
+    def ids(self) -> list[str]:
+        return [ts for ts, _ in self._shown]
 
     async def show(self, view: StoryView) -> None:
         pages = to_slack_blocks(view, self.limits)
@@ -119,27 +125,51 @@ class StoryWriter:
             logger.warning("story %s for %s: cannot post in %s: %s", request_id, ctx.user_key, ctx.channel_key, error)
             await tell(client, ctx, messages.CANT_POST, respond)
             return
+        self._track(ctx, shown, view)
         written = ""
         last = time.monotonic()
         async for chunk in started.handle:
             written += chunk
             if time.monotonic() - last >= self.interval_s:
                 await self._show(shown, replace(view, text=self._text(started, written)), request_id)
+                self._track(ctx, shown, replace(view, text=self._text(started, written)))
                 last = time.monotonic()
         try:
             story = await started.handle
         except RequestCancelledError:
             state = "stopped" if self._closing else "cancelled"
             await self._show(shown, replace(view, text=self._text(started, written), state=state), request_id)
+            self.service.state.untrack(request_id)
             if self._closing:
                 await tell(client, ctx, str(WorkerUnavailableError("shutting down")), respond)
             return
         except Exception as error:
             await self._show(shown, replace(view, text=self._text(started, written), state="stopped"), request_id)
+            self.service.state.untrack(request_id)
             await tell(client, ctx, user_message(error, f"story {request_id} for {ctx.user_key}"), respond)
             return
         self.service.record(ctx, started, story)
         await self._finish(shown, view, started, story)
+        self.service.state.untrack(request_id)
+
+    def _track(self, ctx: ChatContext, shown: StoryMessages, view: StoryView) -> None:
+        """Remember where the story is and what it shows, until it ends; a crash leaves the row behind."""
+        self.service.state.track(view.request_id, "slack", ctx.channel, shown.ids, ctx.user_key, view.text)
+
+    async def mark_interrupted(self, client: AsyncWebClient) -> int:
+        """At start-up: stories an earlier run left mid-way (it crashed or was killed) say so."""
+        marked = 0
+        for left in self.service.state.in_flight("slack"):
+            view = StoryView(left.text, left.request_id, left.user_key.rsplit(":", 1)[-1], state="interrupted")
+            try:
+                await StoryMessages(client, left.channel, self.limits, left.messages).show(view)
+                marked += 1
+            except _SLACK_ERRORS as error:  # deleted, or the channel is gone: nothing left to fix
+                logger.warning("story %s: could not mark it interrupted: %s", left.request_id, error)
+            self.service.state.untrack(left.request_id)
+        if marked:
+            logger.info("marked %s stories interrupted by the last restart", marked)
+        return marked
 
     async def _finish(self, shown: StoryMessages, view: StoryView, started: Started, story: Story) -> None:
         text = self._text(started, started.new_text(story)) if started.shown else story.text

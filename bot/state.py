@@ -2,7 +2,10 @@
 
 - stories: each finished story with the command that made it, so Continue and
   Regenerate buttons still work after a restart;
-- server settings: per Discord guild or Slack workspace, set by its admins.
+- server settings: per Discord guild or Slack workspace, set by its admins;
+- messages in flight: where a story is being written (a Slack channel and message ts),
+  so that after a crash the next start can mark it interrupted instead of leaving
+  "writing…" there for good.
 """
 
 from __future__ import annotations
@@ -43,6 +46,15 @@ class ServerSettings:
     extra: dict[str, object] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class InFlight:
+    request_id: str
+    channel: str
+    messages: tuple[str, ...]  # the platform's ids of the messages showing it (Slack: their ts)
+    user_key: str
+    text: str  # what they showed last
+
+
 class BotState:
     def __init__(self, path: Path | str) -> None:
         if str(path) != ":memory:":
@@ -50,6 +62,9 @@ class BotState:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
+        # Durable across a crash of the process (not a power cut) without an fsync per write:
+        # streaming stories update their in-flight row about once a second each, on the event loop.
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS stories (request_id TEXT PRIMARY KEY, user_key TEXT NOT NULL,"
             " channel_key TEXT NOT NULL, genre TEXT NOT NULL, prompt TEXT NOT NULL, overrides TEXT NOT NULL,"
@@ -58,6 +73,11 @@ class BotState:
         self._db.execute("CREATE INDEX IF NOT EXISTS stories_by_channel ON stories (channel_key, user_key, created_at)")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS server_settings (server_key TEXT PRIMARY KEY, settings TEXT NOT NULL)"
+        )
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS in_flight (request_id TEXT PRIMARY KEY, platform TEXT NOT NULL,"
+            " channel TEXT NOT NULL, messages TEXT NOT NULL, user_key TEXT NOT NULL, text TEXT NOT NULL,"
+            " updated_at REAL NOT NULL)"
         )
 
     def close(self) -> None:
@@ -106,6 +126,27 @@ class BotState:
         data = settings.__dict__ | {"allowed_channels": list(settings.allowed_channels)}
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO server_settings VALUES (?, ?)", (server_key, json.dumps(data)))
+
+
+    # --- messages in flight ---------------------------------------------------------------------
+
+    def track(self, request_id: str, platform: str, channel: str, messages: list[str], user_key: str,
+              text: str) -> None:
+        """A story is on screen in `messages` of `channel`, showing `text`, and still being written."""
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO in_flight VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (request_id, platform, channel, json.dumps(messages), user_key, text, time.time()))
+
+    def untrack(self, request_id: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM in_flight WHERE request_id = ?", (request_id,))
+
+    def in_flight(self, platform: str) -> list[InFlight]:
+        """Messages a previous run left mid-story (it stopped without saying how they ended)."""
+        with self._lock:
+            rows = self._db.execute("SELECT request_id, channel, messages, user_key, text FROM in_flight"
+                                    " WHERE platform = ? ORDER BY updated_at", (platform,)).fetchall()
+        return [InFlight(rid, channel, tuple(json.loads(ids)), user, text) for rid, channel, ids, user, text in rows]
 
 
 def _to_story(row: tuple | None) -> StoredStory | None:

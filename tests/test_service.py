@@ -93,3 +93,17 @@ async def test_any_story_in_progress_can_be_cancelled_by_id(story_service):
     first = await story_service.story(ALICE, StoryCommand("A long tale", "drama", {"length": 300}))
     await story_service.story(ALICE, StoryCommand("Another tale", "drama", {"length": 300}))
     assert story_service.cancel(ALICE, first.request.request_id) == "🛑 Cancelled your story."
+
+
+def test_messages_in_flight_survive_a_restart_until_untracked(tmp_path):
+    from bot.state import BotState, InFlight
+
+    state = BotState(tmp_path / "bot.sqlite3")
+    state.track("r1", "slack", "C1", ["1.1", "1.2"], "slack:T:U", "Once upon")
+    state.track("r1", "slack", "C1", ["1.1", "1.2"], "slack:T:U", "Once upon a time")  # a later edit
+    state.track("r2", "discord", "c9", ["m"], "discord:g:u", "Far away")
+    state.close()
+    again = BotState(tmp_path / "bot.sqlite3")
+    assert again.in_flight("slack") == [InFlight("r1", "C1", ("1.1", "1.2"), "slack:T:U", "Once upon a time")]
+    again.untrack("r1")
+    assert again.in_flight("slack") == [] and len(again.in_flight("discord")) == 1

@@ -211,6 +211,32 @@ async def test_a_refused_token_fails_at_start_up_naming_it(fake_slack, frontends
         await frontends(mode)
 
 
+async def test_a_story_cut_off_by_a_crash_is_marked_interrupted_at_the_next_start(
+        fake_slack, frontends, service, gate):  # noqa: F811
+    first = await frontends("http", interval=0)
+    gate.open.clear()  # the story is posted, then held in the model
+    async with SlackSender(first.url, SECRET) as sender:
+        await sender.slash_command(fake_slack.slash_command("drama The lighthouse keeper length=40"))
+    post = await fake_slack.wait_for("chat.postMessage")
+    [left] = service.state.in_flight("slack")
+    assert left.messages == (post.response["ts"],) and left.text == "The lighthouse keeper"
+
+    # The process dies here (kill -9): nothing edits the message. The next start finds it.
+    await frontends("http")
+    marked = await fake_slack.wait_for(
+        lambda c: c.method == "chat.update" and status(blocks(c)).startswith(escape(messages.STORY_INTERRUPTED)))
+    assert marked.args["ts"] == post.response["ts"] and sections(blocks(marked)) == ["The lighthouse keeper"]
+    assert buttons(marked) == []
+    assert service.state.in_flight("slack") == []  # marked once, not at every start
+    gate.open.set()
+    await finished(fake_slack)  # (in this test the "dead" writer is alive, and finishes)
+    for _ in range(100):  # a story that ends is no longer tracked (just after its last edit)
+        if not service.state.in_flight("slack"):
+            break
+        await asyncio.sleep(0.02)
+    assert service.state.in_flight("slack") == []
+
+
 # ---- python -m bot
 
 
