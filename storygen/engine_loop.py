@@ -1,0 +1,152 @@
+"""The worker's engine loop, on the model thread: admit, prefill, step, fan out.
+
+Like vLLM's engine core: each turn it applies cancellations and deadlines, admits queued
+requests into free slots (in the fair queue's order, within a prefill budget), steps the
+batch once, and hands the new text to each request's handle on the asyncio side.
+`EngineLoop` is the half of `Worker` that runs there; it works on the worker's queue,
+jobs and lock, which `worker.py` sets up.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from storygen.engine import SequenceError, StepOutput
+from storygen.errors import DeadlineExceededError, RequestCancelledError, StorygenError
+from storygen.handle import StoryHandle, fan_out
+from storygen.jobs import SERVING, Job
+from storygen.stories import finish
+
+logger = logging.getLogger(__name__)
+
+MAX_PREFILL_GROUP = 16  # prompts prefilled together in one turn, at most
+
+
+class EngineLoop:
+    """The engine-loop half of Worker (a mixin: Worker holds the state it uses)."""
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._state in SERVING and not len(self._queue) and not self.engine.rows:
+                    self._cond.wait()
+                if self._state not in SERVING:
+                    return
+                self._expire_and_abort(time.monotonic())
+                admitted = self._admit()
+            if admitted:
+                self._start(admitted)
+            if self.engine.rows:
+                self._step()
+
+    def _expire_and_abort(self, now: float) -> None:
+        """Holding the lock: drop queued requests past their deadline, stop running ones that must stop."""
+        for key, job in list(self._queue.items()):
+            if now > job.deadline:
+                self._queue.remove(key)
+                self._settle(job, None, DeadlineExceededError(job.deadline - job.submitted), "failed",
+                             admitted=False, outcome="expired")
+        for seq in list(self.engine.rows):
+            job = self._jobs[seq.seq_id]
+            reason = self._aborts.pop(seq.seq_id, None)
+            if reason is None and now > job.deadline:
+                reason = DeadlineExceededError(job.deadline - job.submitted)
+            if reason is not None:
+                self.engine.abort(seq.seq_id)
+                state = "cancelled" if isinstance(reason, RequestCancelledError) else "failed"
+                self._settle(job, None, reason, state,
+                             outcome="cancelled" if state == "cancelled" else "expired")
+        self.metrics.queue_depth = len(self._queue)
+
+    def _admit(self) -> list[Job]:
+        """Holding the lock: the next jobs in fair order that fit the free slots and the prefill budget."""
+        admitted, tokens = [], 0
+        room = min(self.engine.free_slots, MAX_PREFILL_GROUP)
+        while len(admitted) < room and (peeked := self._queue.peek()) is not None:
+            head = peeked[1]
+            cost = len(head.seq.prompt_ids) + len(head.seq.generated)
+            if admitted and tokens + cost > self.prefill_tokens:
+                break
+            self._queue.pop()
+            admitted.append(head)
+            tokens += cost
+        self.metrics.queue_depth = len(self._queue)
+        return admitted
+
+    def _start(self, jobs: list[Job]) -> None:
+        """Prefill the admitted jobs together; each one that fails, fails alone."""
+        results = self.engine.start_many([job.seq for job in jobs])
+        outputs, no_room = [], []
+        for job, result in zip(jobs, results):
+            if not isinstance(result, SequenceError):
+                outputs.append(result)
+            elif isinstance(result.error, torch.OutOfMemoryError) and self.engine.rows:
+                no_room.append(job)
+            else:
+                self._fail(job, result.error)
+        if no_room:  # keep the cap at what fits; they wait, first in line, for a free slot
+            self._lower_cap(len(self.engine.rows))
+            with self._cond:
+                for job in reversed(no_room):
+                    self._queue.push_front(job.seq.seq_id, job.prepared.request.user_key, job)
+        self._deliver(outputs)
+
+    def _step(self) -> None:
+        # 1. One decode step for the whole batch.
+        try:
+            outputs = self.engine.step()
+        except torch.OutOfMemoryError:
+            self._shrink_after_oom()
+            return
+        except Exception as error:  # fails the rows of this batch only; the worker goes on
+            self._faults["step_failures"] += 1
+            for seq in self.engine.abort_all():
+                self._fail(self._jobs[seq.seq_id], error)
+            return
+        # 2. Book-keeping for ETAs, health and a cap that an OOM lowered.
+        self._last_step = time.monotonic()
+        self._recover_cap()
+        self.metrics.running = len(self.engine.rows)
+        # 3. Fan the new text out to each request's handle.
+        self._deliver(outputs)
+
+    def _deliver(self, outputs: list[StepOutput]) -> None:
+        now = time.monotonic()
+        chunks: list[tuple[StoryHandle, str]] = []
+        finished: list[Job] = []
+        with self._tokenizer_lock:
+            for out in outputs:
+                job = self._jobs[out.seq_id]
+                if out.token_id is not None:
+                    if job.first_token is None:
+                        job.first_token = now
+                        self.metrics.observe_ttft(now - job.submitted)
+                    if delta := job.stream.push(out.token_id):
+                        chunks.append((job.handle, delta))
+                if out.finish_reason is not None:
+                    finished.append(job)
+        if chunks:  # one wake-up of the event loop per step, not one per row
+            self._loop.call_soon_threadsafe(fan_out, chunks)
+        self.metrics.tokens(sum(out.token_id is not None for out in outputs))
+        for job in finished:
+            self._complete(job, now)
+
+    def _complete(self, job: Job, now: float) -> None:
+        job.timings = {"queued_s": (job.first_token or now) - job.submitted, "total_s": now - job.submitted,
+                       "ttft_s": (job.first_token or now) - job.submitted}
+        service = now - (job.first_token or now)
+        self._service_s = 0.8 * self._service_s + 0.2 * max(service, 0.01)
+        self.metrics.observe_latency(now - job.submitted)
+        try:
+            with self._tokenizer_lock:
+                story = finish(self.lm, job.prepared, job.seq, job.stream, job.timings)
+        except StorygenError as error:
+            with self._cond:
+                self._settle(job, None, error, "failed")
+            return
+        with self._cond:
+            self._settle(job, story, None, "done")
+
