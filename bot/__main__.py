@@ -29,11 +29,11 @@ logger = logging.getLogger("bot")
 def _front_ends(service: StoryService, config: BotConfig) -> list:
     ends = []
     if config.discord_enabled:
-        from bot.discord_adapter import DiscordFrontEnd
+        from bot.discord.adapter import DiscordFrontEnd
 
         ends.append(DiscordFrontEnd(service, config))
     if config.slack_enabled:
-        from bot.slack_adapter import SlackFrontEnd
+        from bot.slack.adapter import SlackFrontEnd
 
         ends.append(SlackFrontEnd(service, config))
     return ends

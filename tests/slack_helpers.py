@@ -15,8 +15,8 @@ import pytest_asyncio
 
 from bot import messages
 from bot.config import BotConfig
-from bot.slack_adapter import SlackFrontEnd
-from bot.slack_render import CONTINUE, escape
+from bot.slack.adapter import SlackFrontEnd
+from bot.slack.render import CONTINUE, escape
 from storygen.config import Secret
 from tests.conftest import running_service, tiny_config
 from tests.fakes.bolt_http import SlackSender

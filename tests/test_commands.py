@@ -53,7 +53,7 @@ def test_admin_grammar_acts_on_the_channel_it_is_typed_in(text, expected):
 
 
 def test_admin_typed_in_discords_genre_box_points_at_storyadmin():
-    from bot.discord_adapter import to_story_command
+    from bot.discord.adapter import to_story_command
 
     assert to_story_command("admin", "", {}) == AdminCommand()  # showing is harmless
     with pytest.raises(CommandError, match="with /storyadmin"):

@@ -16,8 +16,8 @@ import pytest
 from bot import messages
 from bot.commands import CommandError, SimpleCommand, StoryCommand
 from bot.config import BotConfig
-from bot.discord_adapter import DiscordFrontEnd, to_story_command
-from bot.discord_delivery import TOKEN_TTL_S
+from bot.discord.adapter import DiscordFrontEnd, to_story_command
+from bot.discord.delivery import TOKEN_TTL_S
 from bot.service import StoryService
 from bot.state import BotState
 from storygen.config import Env, Secret, StorygenConfig

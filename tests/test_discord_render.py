@@ -2,7 +2,7 @@
 
 import pytest
 
-from bot.discord_render import MAX_PAGES, PAGE_CHARS, StoryProgress, neutralise, to_discord_messages
+from bot.discord.render import MAX_PAGES, PAGE_CHARS, StoryProgress, neutralise, to_discord_messages
 
 
 @pytest.mark.parametrize("raw, safe", [

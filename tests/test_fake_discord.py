@@ -12,7 +12,7 @@ from discord import app_commands
 from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
-from bot.discord_endpoints import DEFAULT_API_URL, point_discord_at, restore_discord_defaults
+from bot.discord.endpoints import DEFAULT_API_URL, point_discord_at, restore_discord_defaults
 from tests.fakes.discord_fixtures import connected
 from tests.fakes.discord_records import RecordedRequest
 from tests.fakes.fake_discord import FakeDiscord

@@ -16,8 +16,8 @@ import yaml
 from bot import messages
 from bot.__main__ import serve
 from bot.config import BotConfig
-from bot.slack_adapter import SETTINGS_COMMAND, STORY_COMMAND
-from bot.slack_render import CANCEL, CONTINUE, REGENERATE, SlackLimits, escape
+from bot.slack.adapter import SETTINGS_COMMAND, STORY_COMMAND
+from bot.slack.render import CANCEL, CONTINUE, REGENERATE, SlackLimits, escape
 from storygen.config import Secret
 from storygen.errors import ConfigError
 from tests.conftest import tiny_config

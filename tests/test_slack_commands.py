@@ -11,8 +11,8 @@ import re
 import pytest
 
 from bot import messages
-from bot.slack_adapter import SETTINGS_COMMAND, STORY_COMMAND
-from bot.slack_render import escape
+from bot.slack.adapter import SETTINGS_COMMAND, STORY_COMMAND
+from bot.slack.render import escape
 from tests.fakes.bolt_http import SlackSender
 from tests.fakes.fake_slack import fake_slack  # noqa: F401  (fixture)
 from tests.fakes.workspace import ALICE, BOB

@@ -3,7 +3,7 @@ import re
 import pytest
 
 from bot import messages
-from bot.slack_render import (CANCEL, CONTINUE, REGENERATE, SlackLimits, StoryView, escape, needs_file,
+from bot.slack.render import (CANCEL, CONTINUE, REGENERATE, SlackLimits, StoryView, escape, needs_file,
                               to_slack_blocks, unescape)
 
 ALICE = "U0ALICE001"

@@ -9,7 +9,7 @@ from typing import AsyncIterator
 import discord
 import pytest
 
-from bot.discord_endpoints import point_discord_at
+from bot.discord.endpoints import point_discord_at
 
 from .fake_discord import FakeDiscord
 

@@ -1,7 +1,7 @@
 """A fake Discord on 127.0.0.1: REST under /api/v10, the v10 gateway, and a tiny CDN for attachments.
 
     async with FakeDiscord() as fake:
-        restore = point_discord_at(fake.api_url, fake.gateway_url)   # bot.discord_endpoints
+        restore = point_discord_at(fake.api_url, fake.gateway_url)   # bot.discord.endpoints
         ...start a real discord.Client with fake.token...
         record = await fake.interact(fake.slash_command("story", {"genre": "sci_fi"}))
         edit = await fake.wait_for(lambda r: r.method == "PATCH" and r.params.get("message_id") == "@original")

@@ -36,8 +36,8 @@ from bot.commands import (AdminCommand, Command, SettingsCommand, SimpleCommand,
                           parse_command_text, parse_settings_words)
 from bot.config import BotConfig
 from bot.service import ChatContext, Started, StoryService, user_message
-from bot.slack_render import CANCEL, CONTINUE, REGENERATE, SlackLimits, escape, link_channels, unescape
-from bot.slack_stream import StoryWriter, tell
+from bot.slack.render import CANCEL, CONTINUE, REGENERATE, SlackLimits, escape, link_channels, unescape
+from bot.slack.stream import StoryWriter, tell
 from storygen.errors import ConfigError
 
 logger = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ A server's own lower caps are checked by StoryService, with a one-line reply.
 """
 
 import logging
-from typing import TYPE_CHECKING, Optional
+from typing import Optional, Protocol
 
 import discord
 from discord import app_commands
@@ -19,13 +19,18 @@ from bot.commands import MAX_INPUT_CHARS
 from bot.messages import DISCORD_COMMANDS, DISCORD_OPTIONS
 from storygen.sampling import SEED_MAX, SamplingLimits
 
-if TYPE_CHECKING:
-    from bot.discord_adapter import DiscordFrontEnd
-
 logger = logging.getLogger(__name__)
 
 MAX_COOLDOWN_S = 86_400.0
 SAMPLING = ("length", "temperature", "top_p", "top_k", "repetition_penalty")
+
+
+class Handler(Protocol):
+    """What the commands hand their interactions to (the adapter's DiscordFrontEnd)."""
+
+    async def handle(self, interaction: discord.Interaction) -> None: ...
+    async def genre_choices(self, interaction: discord.Interaction,
+                            current: str) -> list[app_commands.Choice[str]]: ...
 
 
 def _describe(*names: str, **renamed: str):
@@ -34,7 +39,7 @@ def _describe(*names: str, **renamed: str):
                                  **{name: DISCORD_OPTIONS[key] for name, key in renamed.items()})
 
 
-def add_commands(tree: app_commands.CommandTree, front: "DiscordFrontEnd", limits: SamplingLimits) -> None:
+def add_commands(tree: app_commands.CommandTree, front: Handler, limits: SamplingLimits) -> None:
     Text = Range[str, 1, MAX_INPUT_CHARS]
     Length = Range[int, 1, limits.max_length]
     Temperature = Range[float, 0.0, limits.max_temperature]

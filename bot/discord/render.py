@@ -2,7 +2,7 @@
 stories, and the Continue / Regenerate / Cancel buttons.
 
 `to_discord_messages(progress)` is the one way a story becomes Discord messages, at
-every stage from "queued" to "done"; `bot.discord_delivery` decides the stage and
+every stage from "queued" to "done"; `bot.discord.delivery` decides the stage and
 where the messages go. Nothing here talks to Discord.
 """
 

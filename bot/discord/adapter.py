@@ -2,10 +2,10 @@
 
     to_story_request(interaction) -> (ChatContext, command)    every slash command and button
     DiscordFrontEnd.handle(interaction)                       the one handler between them
-    bot.discord_delivery / bot.discord_render                  a story's messages
+    bot.discord.delivery / bot.discord.render                  a story's messages
 
 Commands parse and validate in bot/commands.py and bot/service.py, shared with Slack;
-the slash commands' schema is in bot/discord_commands.py. The gateway only brings
+the slash commands' schema is in bot/discord/commands.py. The gateway only brings
 interactions in: every reply goes out over REST with the interaction's token, so a
 reconnect or resume loses nothing.
 """
@@ -24,9 +24,10 @@ from bot import messages
 from bot.commands import (AdminCommand, Command, CommandError, SettingsCommand, SimpleCommand, StoryCommand,
                           parse_command_text)
 from bot.config import DISCORD_API, DISCORD_GATEWAY, BotConfig
-from bot.discord_delivery import TOKEN_TTL_S, StoryDelivery
-from bot.discord_endpoints import point_discord_at
-from bot.discord_render import NO_MENTIONS, StoryButton, to_discord_line
+from bot.discord.commands import add_commands
+from bot.discord.delivery import TOKEN_TTL_S, StoryDelivery
+from bot.discord.endpoints import point_discord_at
+from bot.discord.render import NO_MENTIONS, StoryButton, to_discord_line
 from bot.service import ChatContext, Started, StoryService, user_message
 from storygen.errors import ConfigError, UnknownGenreError
 from storygen.genres import AUTO, find_genre, genre_names, is_auto
@@ -131,8 +132,6 @@ class StoryClient(discord.Client):
 class DiscordFrontEnd:
     def __init__(self, service: StoryService, config: BotConfig, *, token_ttl_s: float = TOKEN_TTL_S,
                  guild_ready_timeout: float = 2.0) -> None:
-        from bot.discord_commands import add_commands
-
         self.service = service
         self.config = config
         self.token_ttl_s = token_ttl_s

@@ -19,7 +19,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import messages
 from bot.service import ChatContext, Started, StoryService, user_message
-from bot.slack_render import SlackLimits, SlackMessage, StoryView, escape, needs_file, to_slack_blocks
+from bot.slack.render import SlackLimits, SlackMessage, StoryView, escape, needs_file, to_slack_blocks
 from storygen.errors import RequestCancelledError, WorkerUnavailableError
 from storygen.prompts import to_opening
 from storygen.stories import Story

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import discord
 
 from bot import messages
-from bot.discord_render import NO_MENTIONS, DiscordMessage, StoryProgress, to_discord_messages
+from bot.discord.render import NO_MENTIONS, DiscordMessage, StoryProgress, to_discord_messages
 from bot.service import Started, user_message
 from storygen.errors import RequestCancelledError, StorygenError
 from storygen.prompts import to_opening
