@@ -147,6 +147,22 @@ def find_genre(text: str) -> Genre | None:
     return _NORMALISED.get(_normalise(text))
 
 
+def to_identifier(text: str) -> str:
+    """The snake_case form genre names take: `[Sci-Fi]` and ` Science Fiction ` become `sci_fi`, `science_fiction`.
+
+    Text only, no alias lookup: for keys of tables that map free-text labels (training's genre map).
+    """
+    name = text.strip().strip("[]<>").strip().lower()
+    name = re.sub(r"[\s\-]+", "_", name)
+    return re.sub(r"_+", "_", name).strip("_")
+
+
+def canonical_name(text: str) -> str:
+    """The registry's name for a genre name or alias (`scifi` -> `sci_fi`); anything else as an identifier."""
+    genre = find_genre(text)
+    return genre.name if genre is not None else to_identifier(text)
+
+
 def resolve_genre(text: str) -> Genre:
     """Like `find_genre`, but an unknown name raises an error that lists the genres."""
     genre = find_genre(text)

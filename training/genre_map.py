@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from training.errors import DataFormatError
-from training.genres import KNOWN_GENRES, normalize_genre
+from storygen.genres import genre_names, to_identifier
 
 logger = logging.getLogger(__name__)
 
@@ -28,12 +28,12 @@ class GenreMap:
 
     def to_genre(self, raw: str) -> str | None:
         """The model genre for a free-text label, or None when no part of it maps."""
-        whole = normalize_genre(raw)
+        whole = to_identifier(raw)
         if whole in self.phrases:
             return self.phrases[whole]
         found: list[str] = []
         for part in _PART_SPLIT_RE.split(raw.lower()):
-            key = normalize_genre(part)
+            key = to_identifier(part)
             if not key:
                 continue
             if key in self.phrases:
@@ -59,10 +59,10 @@ def load_genre_map(path: Path = DEFAULT_GENRE_MAP) -> GenreMap:
     phrases = raw.get("phrases")
     if not isinstance(phrases, dict) or not phrases:
         raise DataFormatError(f"--genre-map {path}: needs a [phrases] table of 'label = \"genre\"' lines")
-    unknown = sorted({g for g in phrases.values() if g not in KNOWN_GENRES})
+    unknown = sorted({g for g in phrases.values() if g not in genre_names()})
     if unknown:
         raise DataFormatError(
-            f"--genre-map {path}: targets {unknown} are not known genres; use one of {list(KNOWN_GENRES)}"
+            f"--genre-map {path}: targets {unknown} are not known genres; use one of {genre_names()}"
         )
     priority = tuple(raw.get("priority", ()))
-    return GenreMap({normalize_genre(k): v for k, v in phrases.items()}, priority)
+    return GenreMap({to_identifier(k): v for k, v in phrases.items()}, priority)

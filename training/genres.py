@@ -1,8 +1,8 @@
-"""Genre names and tags as the model sees them.
+"""Genre tags as the model sees them in training text: `<BOS> <sci_fi> text <EOS>`.
 
-Genre names are lower-case snake_case identifiers (`sci_fi`). In text they appear as control tokens
-(`<sci_fi>`) after `<BOS>`. The lead will later point `normalize_genre` at `storygen.genres`; until then
-this module keeps the registry's list so that training never produces a genre storygen cannot serve.
+Genre names, aliases and their normalisation come from the one registry, `storygen.genres`,
+so training never produces a genre storygen cannot serve. What is training's own is the tag
+format and the words that seed each genre token's embedding.
 """
 
 from __future__ import annotations
@@ -10,44 +10,26 @@ from __future__ import annotations
 import logging
 import re
 
+from storygen.genres import canonical_name, find_genre
+
 logger = logging.getLogger(__name__)
 
 BOS_TOKEN = "<BOS>"
 EOS_TOKEN = "<EOS>"
 GENRE_TOKEN = "<{genre}>"
 
-# The registry storygen knows; a genre outside it could be trained but never requested.
-KNOWN_GENRES: tuple[str, ...] = (
-    "superhero", "sci_fi", "horror", "action", "thriller",
-    "drama", "fantasy", "romance", "mystery", "comedy",
-)
-
-_ALIASES = {
-    "scifi": "sci_fi",
-    "science_fiction": "sci_fi",
-    "super_hero": "superhero",
-}
-
-# Words whose embeddings seed each genre token; a short phrase beats the bare identifier
-# because `sci_fi` tokenizes into fragments that mean little to the base model.
-GENRE_WORDS = {
-    "sci_fi": "science fiction",
-    "superhero": "superhero",
-}
-
 _GENRE_TOKEN_RE = re.compile(r"^<([a-z][a-z0-9_]*)>$")
 
 
 def normalize_genre(raw: str) -> str:
-    """`[Sci-Fi]`, `Science Fiction` and `scifi` all become `sci_fi`; unknown names pass through."""
-    name = raw.strip().strip("[]<>").strip().lower()
-    name = re.sub(r"[\s\-]+", "_", name)
-    name = re.sub(r"_+", "_", name).strip("_")
-    return _ALIASES.get(name, name)
+    """`[Sci-Fi]`, `Science Fiction` and `scifi` all become `sci_fi`; unknown names pass through as identifiers."""
+    return canonical_name(raw)
 
 
 def is_known(genre: str) -> bool:
-    return genre in KNOWN_GENRES
+    """Whether storygen serves this genre name (exactly: normalise first)."""
+    found = find_genre(genre)
+    return found is not None and found.name == genre
 
 
 def genre_token(genre: str) -> str:
@@ -61,7 +43,10 @@ def genre_from_token(token: str) -> str | None:
 
 
 def genre_words(genre: str) -> str:
-    return GENRE_WORDS.get(genre, genre.replace("_", " "))
+    """Words whose embeddings seed the genre's token: its label (`science fiction`), which means more
+    to the base model than `sci_fi`, whose fragments mean little."""
+    found = find_genre(genre)
+    return found.label if found is not None else genre.replace("_", " ")
 
 
 def to_tagged_text(genre: str, text: str) -> str:
