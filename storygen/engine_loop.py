@@ -123,7 +123,7 @@ class EngineLoop:
                 if out.token_id is not None:
                     if job.first_token is None:
                         job.first_token = now
-                        self.metrics.observe_ttft(now - job.submitted)
+                        self.metrics.observe_ttft(now - job.submitted, job.prepared.request.user_key)
                     if delta := job.stream.push(out.token_id):
                         chunks.append((job.handle, delta))
                 if out.finish_reason is not None:
@@ -139,7 +139,7 @@ class EngineLoop:
                        "ttft_s": (job.first_token or now) - job.submitted}
         service = now - (job.first_token or now)
         self._service_s = 0.8 * self._service_s + 0.2 * max(service, 0.01)
-        self.metrics.observe_latency(now - job.submitted)
+        self.metrics.observe_latency(now - job.submitted, job.prepared.request.user_key)
         try:
             with self._tokenizer_lock:
                 story = finish(self.lm, job.prepared, job.seq, job.stream, job.timings)

@@ -1,74 +1,120 @@
-"""Worker metrics: queue depth, running rows, tokens/s, latency histograms.
+"""Worker metrics, as Prometheus metrics (prometheus-client) plus the recent figures the worker reads.
 
-Plain counters and fixed-bucket histograms, thread-safe, with a Prometheus text
-rendering for whoever publishes them.
+    storygen_queue_depth                     gauge: stories waiting for a slot
+    storygen_running_rows                    gauge: stories being written now
+    storygen_tokens_generated_total          counter
+    storygen_stories_total{frontend,outcome} counter: done, cancelled, failed, expired, refused
+    storygen_ttft_seconds{frontend}          histogram: submit to first token
+    storygen_latency_seconds{frontend}       histogram: submit to the finished story
+
+`frontend` is the first part of the request's user key (discord, slack, api, storytime,
+cli). Each Metrics has its own registry, so several workers in one process (tests, the
+benchmark) don't collide; `bot.web` serves the running worker's with `to_prometheus()`.
+The quantiles in `snapshot()` come from the last 1,000 observations, for health and
+benchmarks; Prometheus users compute theirs from the histograms.
 """
 
 from __future__ import annotations
 
-import bisect
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
+OUTCOMES = ("done", "cancelled", "failed", "expired", "refused")
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-@dataclass
-class Histogram:
-    buckets: tuple[float, ...] = LATENCY_BUCKETS_S
-    counts: list[int] = field(default_factory=list)
-    total: float = 0.0
-    n: int = 0
-    _recent: deque = field(default_factory=lambda: deque(maxlen=1000))
+def frontend_of(user_key: str) -> str:
+    """`discord:<guild>:<user>` -> `discord`: the label, without anyone's id in it."""
+    return user_key.split(":", 1)[0] or "unknown"
 
-    def __post_init__(self) -> None:
-        self.counts = [0] * (len(self.buckets) + 1)
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.total += value
-        self.n += 1
-        self._recent.append(value)
+class _Recent:
+    """The last observations, for quantiles without scraping."""
+
+    def __init__(self, size: int = 1000) -> None:
+        self._values: deque[float] = deque(maxlen=size)
+
+    def add(self, value: float) -> None:
+        self._values.append(value)
 
     def quantile(self, q: float) -> float | None:
-        """Quantile over the last 1,000 observations."""
-        if not self._recent:
+        if not self._values:
             return None
-        ordered = sorted(self._recent)
+        ordered = sorted(self._values)
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 class Metrics:
-    """Everything the worker reports; safe to read from any thread."""
+    """Everything the worker reports; safe to update and read from any thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = "storygen") -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._queue = Gauge(f"{prefix}_queue_depth", "Stories waiting for a slot", registry=self.registry)
+        self._running = Gauge(f"{prefix}_running_rows", "Stories being written now", registry=self.registry)
+        self._tokens = Counter(f"{prefix}_tokens_generated", "Tokens generated", registry=self.registry)
+        self._stories = Counter(f"{prefix}_stories", "Stories by front-end and outcome",
+                                ("frontend", "outcome"), registry=self.registry)
+        self._ttft = Histogram(f"{prefix}_ttft_seconds", "Seconds from submit to the first token",
+                               ("frontend",), buckets=LATENCY_BUCKETS_S, registry=self.registry)
+        self._latency = Histogram(f"{prefix}_latency_seconds", "Seconds from submit to the finished story",
+                                  ("frontend",), buckets=LATENCY_BUCKETS_S, registry=self.registry)
         self._lock = threading.Lock()
-        self.ttft = Histogram()
-        self.latency = Histogram()
-        self.queue_depth = 0
-        self.running = 0
-        self.tokens_total = 0
-        self.requests: dict[str, int] = {}  # by outcome: ok, failed, cancelled, expired, rejected
+        self._recent_ttft = _Recent()
+        self._recent_latency = _Recent()
+        self._outcomes: dict[str, int] = {}
         self._token_times: deque[tuple[float, int]] = deque(maxlen=256)
+        self._queue_depth = 0
+        self._running_rows = 0
+        self.tokens_total = 0
+
+    # --- updates (the worker) -------------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue_depth
+
+    @queue_depth.setter
+    def queue_depth(self, n: int) -> None:
+        self._queue_depth = n
+        self._queue.set(n)
+
+    @property
+    def running(self) -> int:
+        return self._running_rows
+
+    @running.setter
+    def running(self, n: int) -> None:
+        self._running_rows = n
+        self._running.set(n)
 
     def tokens(self, n: int) -> None:
+        if not n:
+            return
+        self._tokens.inc(n)
         with self._lock:
             self.tokens_total += n
             self._token_times.append((time.monotonic(), n))
 
-    def outcome(self, kind: str) -> None:
+    def outcome(self, kind: str, user_key: str = "") -> None:
+        self._stories.labels(frontend_of(user_key), kind).inc()
         with self._lock:
-            self.requests[kind] = self.requests.get(kind, 0) + 1
+            self._outcomes[kind] = self._outcomes.get(kind, 0) + 1
 
-    def observe_ttft(self, seconds: float) -> None:
+    def observe_ttft(self, seconds: float, user_key: str = "") -> None:
+        self._ttft.labels(frontend_of(user_key)).observe(seconds)
         with self._lock:
-            self.ttft.observe(seconds)
+            self._recent_ttft.add(seconds)
 
-    def observe_latency(self, seconds: float) -> None:
+    def observe_latency(self, seconds: float, user_key: str = "") -> None:
+        self._latency.labels(frontend_of(user_key)).observe(seconds)
         with self._lock:
-            self.latency.observe(seconds)
+            self._recent_latency.add(seconds)
+
+    # --- reading ----------------------------------------------------------------------------------
 
     def tokens_per_s(self, window_s: float = 10.0) -> float:
         with self._lock:
@@ -83,24 +129,14 @@ class Metrics:
         rate = self.tokens_per_s()
         with self._lock:
             return {
-                "queue_depth": self.queue_depth, "running": self.running, "tokens_total": self.tokens_total,
-                "requests": dict(self.requests),
-                "ttft_p50_s": self.ttft.quantile(0.5), "ttft_p95_s": self.ttft.quantile(0.95),
-                "latency_p50_s": self.latency.quantile(0.5), "latency_p95_s": self.latency.quantile(0.95),
+                "queue_depth": self._queue_depth, "running": self._running_rows, "tokens_total": self.tokens_total,
+                "requests": dict(self._outcomes),
+                "ttft_p50_s": self._recent_ttft.quantile(0.5), "ttft_p95_s": self._recent_ttft.quantile(0.95),
+                "latency_p50_s": self._recent_latency.quantile(0.5),
+                "latency_p95_s": self._recent_latency.quantile(0.95),
                 "tokens_per_s": rate,
             }
 
-    def to_prometheus(self, prefix: str = "storygen") -> str:
-        lines = [f"{prefix}_queue_depth {self.queue_depth}", f"{prefix}_running_rows {self.running}",
-                 f"{prefix}_tokens_total {self.tokens_total}", f"{prefix}_tokens_per_second {self.tokens_per_s():.3f}"]
-        with self._lock:
-            for kind, n in sorted(self.requests.items()):
-                lines.append(f'{prefix}_requests_total{{outcome="{kind}"}} {n}')
-            for name, hist in (("ttft_seconds", self.ttft), ("latency_seconds", self.latency)):
-                cumulative = 0
-                for bound, count in zip((*hist.buckets, float("inf")), hist.counts):
-                    cumulative += count
-                    le = "+Inf" if bound == float("inf") else f"{bound:g}"
-                    lines.append(f'{prefix}_{name}_bucket{{le="{le}"}} {cumulative}')
-                lines += [f"{prefix}_{name}_sum {hist.total:.6f}", f"{prefix}_{name}_count {hist.n}"]
-        return "\n".join(lines) + "\n"
+    def to_prometheus(self) -> str:
+        """The Prometheus text exposition format (serve it as PROMETHEUS_CONTENT_TYPE)."""
+        return generate_latest(self.registry).decode("utf-8")

@@ -150,7 +150,7 @@ class Worker(EngineLoop, FaultHandling):
             try:
                 self._queue.push(request.request_id, request.user_key, job, lambda: self.eta_for(len(self._queue)))
             except StorygenError:
-                self.metrics.outcome("rejected")
+                self.metrics.outcome("refused", request.user_key)
                 raise
             self._jobs[request.request_id] = job
             self.metrics.queue_depth = len(self._queue)
@@ -204,7 +204,7 @@ class Worker(EngineLoop, FaultHandling):
         self._aborts.pop(request.request_id, None)
         if admitted:
             self._queue.finished(request.user_key)
-        self.metrics.outcome(outcome or {"done": "ok"}.get(state, state))
+        self.metrics.outcome(outcome or state, request.user_key)
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(job.handle._resolve, story, error, state)
         logger.info("request %s from %s %s", request.request_id, request.user_key, state)

@@ -3,6 +3,7 @@ import time
 from dataclasses import replace
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 import torch
 
 from storygen import model_thread
@@ -117,7 +118,7 @@ async def test_global_queue_cap_answers_at_once(lm, tmp_path, gate):
         with pytest.raises(QueueFullError, match=r"busy, try again in about \d+ s"):
             await worker.submit(_request(3, user="api:d"))
         assert time.monotonic() - started < 1  # no waiting for a place
-        assert worker.metrics.snapshot()["requests"]["rejected"] == 1
+        assert worker.metrics.snapshot()["requests"]["refused"] == 1
         gate.open.set()
 
 
@@ -250,9 +251,16 @@ async def test_metrics_after_some_stories(lm, tmp_path):
         await asyncio.gather(*[await worker.submit(_request(i)) for i in range(3)])
         snapshot = worker.metrics.snapshot()
         text = worker.metrics.to_prometheus()
-    assert snapshot["requests"]["ok"] == 3 and snapshot["tokens_total"] > 0
+    assert snapshot["requests"]["done"] == 3 and snapshot["tokens_total"] > 0
     assert snapshot["ttft_p50_s"] is not None and snapshot["latency_p95_s"] >= snapshot["ttft_p50_s"]
-    assert 'storygen_ttft_seconds_bucket{le="+Inf"} 3' in text and "storygen_queue_depth 0" in text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["storygen_queue_depth"].samples[0].value == 0
+    ttft = {(s.name, s.labels.get("frontend"), s.labels.get("le")): s.value for s in families["storygen_ttft_seconds"].samples}
+    assert ttft[("storygen_ttft_seconds_bucket", "api", "+Inf")] == 3  # the requests' user keys are api:...
+    stories = {(s.labels["frontend"], s.labels["outcome"]): s.value for s in families["storygen_stories"].samples
+               if s.name == "storygen_stories_total"}
+    assert stories[("api", "done")] == 3
+    assert families["storygen_tokens_generated"].samples[0].value == snapshot["tokens_total"]
 
 
 async def test_drain_refuses_newcomers_and_lets_stories_in_hand_finish(lm, tmp_path, gate):
