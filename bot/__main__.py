@@ -1,6 +1,8 @@
 """`python -m bot`: read the config, load the model, start the worker and the front-ends.
 
-Discord and Slack run side by side in one process and share one worker. SIGINT or
+Discord, Slack and the HTTP API with its playground run side by side in one process and
+share one worker: each chat platform when its tokens are set, HTTP unless HTTP_ENABLED=false.
+HTTP starts first, so /healthz answers while the model loads. SIGINT or
 SIGTERM first drains the worker while the front-ends stay connected: new commands are
 told the bot is shutting down, and stories in hand get BOT_SHUTDOWN_GRACE_S to finish
 and be delivered. Then the front-ends stop, then the worker, then the database closes.
@@ -12,6 +14,7 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Callable
 
 from bot.config import BotConfig
 from bot.service import StoryService
@@ -26,7 +29,7 @@ from storygen.worker import Worker
 logger = logging.getLogger("bot")
 
 
-def _front_ends(service: StoryService, config: BotConfig) -> list:
+def _chat_front_ends(service: StoryService, config: BotConfig) -> list:
     ends = []
     if config.discord_enabled:
         from bot.discord.adapter import DiscordFrontEnd
@@ -39,18 +42,38 @@ def _front_ends(service: StoryService, config: BotConfig) -> list:
     return ends
 
 
-async def serve(config: BotConfig, storygen_config: StorygenConfig, stop: asyncio.Event) -> None:
-    lm = await model_thread.run(load_model, storygen_config)  # on the thread that will decode: see model_thread
+async def serve(config: BotConfig, storygen_config: StorygenConfig, stop: asyncio.Event,
+                on_ready: Callable[[list], None] | None = None) -> None:
+    for reason in config.off_reasons():
+        logger.info("%s", reason)
+    web = None
+    if config.http_enabled:
+        from bot.web.server import WebFrontEnd
+
+        web = WebFrontEnd(config)
+        await web.start()
+    try:
+        lm = await model_thread.run(load_model, storygen_config)  # on the thread that will decode: see model_thread
+    except BaseException:
+        if web is not None:
+            web.failed()
+            await web.stop()
+        raise
     settings = SettingsStore(storygen_config.settings_db)
     state = BotState(storygen_config.settings_db)
     worker = Worker(lm, storygen_config)
     await worker.start()
     service = StoryService(worker, settings, state, storygen_config)
-    ends = _front_ends(service, config)
+    ends = [web] if web is not None else []
     try:
-        for end in ends:
+        if web is not None:
+            web.serve(service)
+        for end in _chat_front_ends(service, config):
             await end.start()
+            ends.append(end)
         logger.info("serving on %s", ", ".join(type(e).__name__ for e in ends))
+        if on_ready is not None:
+            on_ready(ends)
         await stop.wait()
     finally:
         if not await worker.drain(config.shutdown_grace_s):

@@ -1,4 +1,4 @@
-"""Chat-side settings: tokens and endpoints. Read with the same rules as storygen's
+"""The bot's settings: chat tokens and endpoints, the HTTP server. Read with the same rules as storygen's
 (environment over `.env` over defaults; a bad value fails at start-up naming the key)."""
 
 from __future__ import annotations
@@ -34,6 +34,12 @@ class BotConfig:
     stream_interval_s: float = 1.0  # edit a streaming message at most this often
     shutdown_grace_s: float = 30.0  # on SIGTERM, stories in hand get this long to finish
     log_level: str = "INFO"
+    http_enabled: bool = True
+    http_host: str = "127.0.0.1"  # the Docker image sets 0.0.0.0
+    http_port: int = 8000
+    http_api_keys: tuple[Secret, ...] = ()  # none: the API is open (to whoever reaches http_host)
+    http_max_body_bytes: int = 64 * 1024
+    http_model_name: str = "storybot"  # the model id /v1/models lists and /v1/completions accepts
 
     @property
     def discord_enabled(self) -> bool:
@@ -65,15 +71,33 @@ class BotConfig:
             stream_interval_s=env.float("BOT_STREAM_INTERVAL_S", 1.0, 0.2, 30),
             shutdown_grace_s=env.float("BOT_SHUTDOWN_GRACE_S", 30.0, 0, 3600),
             log_level=env.choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")).upper(),
+            http_enabled=env.bool("HTTP_ENABLED", True),
+            http_host=env.str("HTTP_HOST", "127.0.0.1"),
+            http_port=env.int("HTTP_PORT", 8000, 0, 65535),
+            http_api_keys=_keys(env, "HTTP_API_KEYS"),
+            http_max_body_bytes=env.int("HTTP_MAX_BODY_BYTES", 64 * 1024, 1024, 16 * 1024 * 1024),
+            http_model_name=env.str("HTTP_MODEL_NAME", "storybot"),
         )
         config.check()
         return config
 
+    def off_reasons(self) -> list[str]:
+        """One line per front-end that will not start, and why, for the start-up log."""
+        reasons = []
+        if not self.discord_enabled:
+            reasons.append("Discord is off: DISCORD_TOKEN is not set")
+        if not self.slack_enabled:
+            reasons.append("Slack is off: SLACK_BOT_TOKEN is not set")
+        if not self.http_enabled:
+            reasons.append("HTTP API and playground are off: HTTP_ENABLED=false")
+        return reasons
+
     def check(self) -> None:
         """Refuse a configuration that cannot work, naming what to fix."""
-        if not self.discord_enabled and not self.slack_enabled:
-            raise ConfigError("no chat platform configured: set DISCORD_TOKEN, or SLACK_BOT_TOKEN with "
-                              "SLACK_APP_TOKEN (Socket Mode) or SLACK_SIGNING_SECRET (HTTP); see .env.example")
+        if not self.discord_enabled and not self.slack_enabled and not self.http_enabled:
+            raise ConfigError("nothing to serve: HTTP_ENABLED=false and no chat platform configured; set "
+                              "DISCORD_TOKEN, or SLACK_BOT_TOKEN with SLACK_APP_TOKEN or SLACK_SIGNING_SECRET, "
+                              "or turn HTTP back on; see .env.example")
         if self.slack_enabled:
             if not str(self.slack_bot_token).startswith("xoxb-"):
                 raise ConfigError("SLACK_BOT_TOKEN must be a bot token starting with xoxb-")
@@ -81,6 +105,9 @@ class BotConfig:
                 raise ConfigError("Socket Mode needs SLACK_APP_TOKEN, an app-level token starting with xapp-")
             if not self.slack_socket_mode and not self.slack_signing_secret:
                 raise ConfigError("HTTP mode needs SLACK_SIGNING_SECRET (or set SLACK_APP_TOKEN for Socket Mode)")
+        if self.http_enabled and self.slack_enabled and not self.slack_socket_mode \
+                and self.slack_http_port == self.http_port:
+            raise ConfigError(f"SLACK_HTTP_PORT and HTTP_PORT are both {self.http_port}; give them different ports")
         if not self.slack_http_path.startswith("/"):
             raise ConfigError(f"SLACK_HTTP_PATH={self.slack_http_path!r} must start with /")
 
@@ -99,3 +126,12 @@ def _ids(env: Env, key: str) -> tuple[int, ...]:
         return tuple(int(part) for part in raw.replace(",", " ").split())
     except ValueError:
         raise ConfigError(f"{key}={raw!r} must be numeric ids separated by commas") from None
+
+
+def _keys(env: Env, key: str) -> tuple[Secret, ...]:
+    keys = tuple(Secret(part.strip()) for part in env.str(key, "").split(",") if part.strip())
+    for secret in keys:
+        if len(str(secret)) < 8 or any(c.isspace() or not c.isprintable() for c in str(secret)):
+            raise ConfigError(f"{key}: each key must be at least 8 printable characters without spaces "
+                              "(comma-separated)")
+    return keys

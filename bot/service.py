@@ -39,7 +39,7 @@ class NotAllowedError(StorygenError):
 class ChatContext:
     """Who asked, and where. Plain strings: a Discord guild or Slack team is a `workspace`."""
 
-    platform: str  # "discord" or "slack"
+    platform: str  # "discord", "slack" or "api" (the HTTP API and the playground, with no workspace)
     workspace: str
     channel: str
     user: str
@@ -47,15 +47,16 @@ class ChatContext:
 
     @property
     def user_key(self) -> str:
-        return f"{self.platform}:{self.workspace}:{self.user}"
+        return ":".join(p for p in (self.platform, self.workspace, self.user) if p)
 
     @property
     def server_key(self) -> str:
-        return f"{self.platform}:{self.workspace}"
+        return ":".join(p for p in (self.platform, self.workspace) if p)
 
     @property
     def channel_key(self) -> str:
-        return f"{self.platform}:{self.workspace}:{self.channel}"
+        return ":".join(p for p in (self.platform, self.workspace, self.user if not self.workspace else "",
+                                    self.channel) if p)
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,7 @@ class Story:
     seed: int
     notices: tuple[str, ...] = ()
     timings: dict[str, float] = field(default_factory=dict)  # ttft_s, total_s, queued_s
+    prompt_tokens: int = 0  # the prompt the model read, framing included
 
 
 def pick_genre(text: str, opening: str, lm: LoadedModel, config: StorygenConfig) -> tuple[Genre, str | None]:
@@ -146,7 +147,7 @@ def finish(lm: LoadedModel, prepared: PreparedStory, seq: Sequence, stream: Text
     text = finish_story(prepared.opening, stream.final_text(), seq.finish_reason == "stop", lm.controls)
     request = prepared.request
     return Story(request.request_id, request.user_key, prepared.genre.name, text, seq.finish_reason or "aborted",
-                 len(seq.generated), seq.seed, prepared.notices, timings or {})
+                 len(seq.generated), seq.seed, prepared.notices, timings or {}, len(prepared.prompt_ids))
 
 
 def generate_story(engine: Engine, prepared: PreparedStory) -> Story:

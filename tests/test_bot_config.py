@@ -10,7 +10,12 @@ def _config(**values):
 
 
 @pytest.mark.parametrize("values, fragment", [
-    ({}, "no chat platform configured"),
+    ({"HTTP_ENABLED": "false"}, "nothing to serve: HTTP_ENABLED=false and no chat platform configured"),
+    ({"HTTP_PORT": "http"}, "HTTP_PORT='http' is not an integer"),
+    ({"HTTP_ENABLED": "maybe"}, "HTTP_ENABLED='maybe' is not a boolean"),
+    ({"HTTP_API_KEYS": "short"}, "HTTP_API_KEYS: each key must be at least 8 printable characters"),
+    ({"SLACK_BOT_TOKEN": "xoxb-1", "SLACK_SIGNING_SECRET": "s", "SLACK_HTTP_PORT": "8000"},
+     "SLACK_HTTP_PORT and HTTP_PORT are both 8000"),
     ({"SLACK_BOT_TOKEN": "abc"}, "SLACK_BOT_TOKEN must be a bot token starting with xoxb-"),
     ({"SLACK_BOT_TOKEN": "xoxb-1", "SLACK_MODE": "socket"}, "Socket Mode needs SLACK_APP_TOKEN"),
     ({"SLACK_BOT_TOKEN": "xoxb-1"}, "HTTP mode needs SLACK_SIGNING_SECRET"),
@@ -33,3 +38,17 @@ def test_modes_and_masking():
     assert "secret.token" not in repr(config) and "xoxb-1" not in repr(config)
     http = _config(SLACK_BOT_TOKEN="xoxb-1", SLACK_SIGNING_SECRET="s")
     assert not http.slack_socket_mode and http.slack_http_path == "/slack/events"
+
+
+def test_no_chat_tokens_serves_http_alone_and_says_why_the_rest_is_off():
+    config = _config()
+    assert config.http_enabled and not config.discord_enabled and not config.slack_enabled
+    assert (config.http_host, config.http_port, config.http_max_body_bytes) == ("127.0.0.1", 8000, 65536)
+    assert config.off_reasons() == ["Discord is off: DISCORD_TOKEN is not set",
+                                    "Slack is off: SLACK_BOT_TOKEN is not set"]
+
+
+def test_api_keys_are_masked():
+    config = _config(HTTP_API_KEYS="key-one-1234, key-two-5678")
+    assert [str(k) for k in config.http_api_keys] == ["key-one-1234", "key-two-5678"]
+    assert "key-one-1234" not in repr(config)

@@ -242,7 +242,7 @@ async def test_a_story_cut_off_by_a_crash_is_marked_interrupted_at_the_next_star
 
 async def test_python_m_bot_serves_slack(fake_slack, tiny_dirs, tmp_path):  # noqa: F811
     config = BotConfig(slack_bot_token=Secret(BOT_TOKEN), slack_app_token=Secret(APP_TOKEN),
-                       slack_api_url=fake_slack.base_url)  # auto mode: an app token means Socket Mode
+                       slack_api_url=fake_slack.base_url, http_port=0)  # auto mode: an app token means Socket Mode
     stop = asyncio.Event()
     serving = asyncio.create_task(serve(config, tiny_config(tiny_dirs["instruct"], "instruct", tmp_path), stop))
     await fake_slack.socket.wait_connected(timeout=30)
@@ -260,7 +260,7 @@ async def test_shutdown_lets_a_running_story_finish_and_turns_new_ones_away(
 
     monkeypatch.setattr(entry, "load_model", lambda config: lm)  # the tiny model, with the gate on it
     config = BotConfig(slack_bot_token=Secret(BOT_TOKEN), slack_app_token=Secret(APP_TOKEN),
-                       slack_api_url=fake_slack.base_url, shutdown_grace_s=30)
+                       slack_api_url=fake_slack.base_url, shutdown_grace_s=30, http_port=0)
     stop = asyncio.Event()
     serving = asyncio.create_task(serve(config, tiny_config(lm.name, "instruct", tmp_path), stop))
     await fake_slack.socket.wait_connected(timeout=30)
