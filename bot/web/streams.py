@@ -55,8 +55,9 @@ class LiveStories:
 
 
 async def events(started: Started, live: LiveStories) -> AsyncIterator[dict[str, Any] | Story | BaseException]:
-    """What happens to a story, in order: {"type": "queued", ...} while it waits, {"type": "chunk",
-    "text"} as it is written, then the finished Story, or the exception it ended with."""
+    """What happens to a story, in order: {"type": "queued", ...} while it waits, {"type": "running"}
+    when it leaves the queue, {"type": "chunk", "text"} as it is written, then the finished Story,
+    or the exception it ended with."""
     handle = started.handle
     live.handles.add(handle)
     chunks = handle.__aiter__()
@@ -66,8 +67,10 @@ async def events(started: Started, live: LiveStories) -> AsyncIterator[dict[str,
         while True:
             position = handle.position
             if position is not None and position != last_position:
-                last_position = position
                 yield {"type": "queued", "position": position + 1, "eta_s": round(handle.eta_s or 0, 1)}
+            elif position is None and last_position is not None and not handle.done():
+                yield {"type": "running"}
+            last_position = position
             if pending is None:
                 pending = asyncio.ensure_future(anext(chunks))
             done, _ = await asyncio.wait({pending}, timeout=POSITION_POLL_S if position is not None else None)

@@ -17,41 +17,46 @@ function headers() {
   return h;
 }
 
-function show(kind, text) {
-  const box = document.createElement("div");
-  box.className = kind;
-  box.textContent = text;
+// Each command and what came back, newest on top.
+function entry(label) {
+  const box = document.createElement("section");
+  box.className = "entry";
+  const line = document.createElement("div");
+  line.className = "echo";
+  line.textContent = "> " + label;
+  box.append(line);
   log.prepend(box);
   return box;
 }
 
-function echo(text) {
-  const line = document.createElement("div");
-  line.className = "echo";
-  line.textContent = "> " + text;
-  log.prepend(line);
+function show(where, kind, text) {
+  const box = document.createElement("div");
+  box.className = kind;
+  box.textContent = text;
+  where.append(box);
+  return box;
 }
 
 async function send(body, label) {
-  echo(label);
+  const where = entry(label);
   let response;
   try {
     response = await fetch("/v1/commands", { method: "POST", headers: headers(), body: JSON.stringify(body) });
   } catch (err) {
-    show("error", "The server did not answer: " + err);
+    show(where, "error", "The server did not answer: " + err);
     return;
   }
   const type = response.headers.get("content-type") || "";
   if (type.startsWith("text/event-stream")) {
-    await streamStory(response);
+    await streamStory(response, where);
     return;
   }
   let data = {};
   try { data = await response.json(); } catch (err) { /* not JSON: fall through */ }
   if (!response.ok) {
-    show("error", (data.error && data.error.message) || ("HTTP " + response.status));
+    show(where, "error", (data.error && data.error.message) || ("HTTP " + response.status));
   } else {
-    show("reply", data.reply || "");
+    show(where, "reply", data.reply || "");
   }
 }
 
@@ -75,14 +80,14 @@ async function* sseEvents(response) {
   }
 }
 
-async function streamStory(response) {
+async function streamStory(response, where) {
   const card = template.content.firstElementChild.cloneNode(true);
   const text = card.querySelector(".text");
   const status = card.querySelector(".status");
   const genre = card.querySelector(".genre");
   const notices = card.querySelector(".notices");
   const [cont, regen, cancel] = ["continue", "regenerate", "cancel"].map(c => card.querySelector("." + c));
-  log.prepend(card);
+  where.append(card);
   let id = null;
   status.textContent = "sending…";
   cancel.addEventListener("click", async () => {
@@ -103,6 +108,8 @@ async function streamStory(response) {
         status.textContent = "✍️ writing…";
       } else if (event.type === "queued") {
         status.textContent = "⏳ queued, #" + event.position + " in line (about " + Math.max(1, Math.round(event.eta_s)) + " s)";
+      } else if (event.type === "running") {
+        status.textContent = "✍️ writing…";
       } else if (event.type === "chunk") {
         status.textContent = "✍️ writing…";
         text.textContent += event.text;
