@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from storygen.config import Secret
 from tests.conftest import tiny_config
-from tests.model_hooks import ModelGate, endless  # noqa: F401  (fixture)
+from tests.model_hooks import ModelGate, endless, gate  # noqa: F401  (fixtures)
 from tests.web_helpers import read_sse, web_front_end
 
 
@@ -378,3 +378,18 @@ async def test_python_m_bot_with_no_chat_tokens_serves_http_and_drains_on_sigter
     assert "Discord is off: DISCORD_TOKEN is not set" in log and "Slack is off: SLACK_BOT_TOKEN is not set" in log
     assert f"serving the API and the playground on {url}/" in log and "stopped" in log
     assert db.exists() and not Path(str(db) + "-wal").exists()  # closed: the WAL was checkpointed into the file
+
+
+async def test_streams_and_waiting_requests_still_open_at_shutdown_are_told_so_at_once(lm, tmp_path, http,
+                                                                                       gate):  # noqa: F811
+    async with web_front_end(lm, tmp_path) as web:
+        gate.open.clear()  # the model is stuck: the stories cannot even leave the batch
+        stream = await http.post(web.url + "/v1/stories", json={"prompt": "A", "length": 50, "stream": True})
+        waiting = asyncio.create_task(_post(http, web, "/v1/stories", {"prompt": "B", "length": 50}))
+        await _until(lambda: len(web.web.live.handles) == 2)
+        assert web.web.live.stop_all() == 2
+        events = await asyncio.wait_for(read_sse(stream), 5)
+        status, answer, _ = await asyncio.wait_for(waiting, 5)
+        gate.open.set()
+    assert events[-1] == "[DONE]" and "shutting down" in events[-2]["error"]["message"]
+    assert status == 503 and "shutting down" in answer["error"]["message"]

@@ -41,10 +41,13 @@ class LiveStories:
 
     handles: set[Any] = field(default_factory=set)
     closing: bool = False
+    closed: asyncio.Event = field(default_factory=asyncio.Event)  # set by stop_all: answer now, don't wait
 
     def stop_all(self) -> int:
-        """After the drain's grace: cancel what is left (their streams say the bot is shutting down)."""
+        """After the drain's grace: cancel what is left, and answer them now that the bot is shutting
+        down (a cancelled row leaves the batch at the next step, which a loaded CPU may take a while to reach)."""
         self.closing = True
+        self.closed.set()
         left = [h for h in self.handles if not h.done()]
         for handle in left:
             handle.cancel()
@@ -62,6 +65,7 @@ async def events(started: Started, live: LiveStories) -> AsyncIterator[dict[str,
     live.handles.add(handle)
     chunks = handle.__aiter__()
     pending: asyncio.Future[str] | None = None
+    closed = asyncio.ensure_future(live.closed.wait())
     last_position: int | None = None
     try:
         while True:
@@ -73,8 +77,12 @@ async def events(started: Started, live: LiveStories) -> AsyncIterator[dict[str,
             last_position = position
             if pending is None:
                 pending = asyncio.ensure_future(anext(chunks))
-            done, _ = await asyncio.wait({pending}, timeout=POSITION_POLL_S if position is not None else None)
-            if not done:
+            done, _ = await asyncio.wait({pending, closed}, timeout=POSITION_POLL_S if position is not None else None,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if live.closed.is_set():
+                yield WorkerUnavailableError("shutting down")
+                return
+            if pending not in done:
                 continue
             try:
                 text = pending.result()
@@ -89,12 +97,13 @@ async def events(started: Started, live: LiveStories) -> AsyncIterator[dict[str,
         except StorygenError as error:
             yield live.error_for(error)
     finally:
+        closed.cancel()
         if pending is not None:
             pending.cancel()
-        if not handle.done():  # the client went away, or the response was abandoned
+        if not handle.done():  # the client went away, or the bot is stopping
             handle.cancel()
-            logger.info("story %s for %s cancelled: the HTTP client went away", started.request.request_id,
-                        started.request.user_key)
+            logger.info("story %s for %s cancelled: %s", started.request.request_id, started.request.user_key,
+                        "the bot is stopping" if live.closing else "the HTTP client went away")
         live.handles.discard(handle)
 
 
@@ -107,9 +116,12 @@ async def await_story(request: Request, started: Started, live: LiveStories) -> 
         return await handle
 
     task = asyncio.ensure_future(wait())
+    closed = asyncio.ensure_future(live.closed.wait())
     try:
         while not task.done():
-            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            await asyncio.wait({task, closed}, timeout=DISCONNECT_POLL_S, return_when=asyncio.FIRST_COMPLETED)
+            if live.closed.is_set() and not task.done():
+                raise WorkerUnavailableError("shutting down")
             if not task.done() and await request.is_disconnected():
                 handle.cancel()
                 logger.info("story %s for %s cancelled: the HTTP client went away",
@@ -119,4 +131,7 @@ async def await_story(request: Request, started: Started, live: LiveStories) -> 
         except StorygenError as error:
             raise live.error_for(error) from None
     finally:
+        closed.cancel()
+        if not task.done():
+            task.cancel()
         live.handles.discard(handle)
