@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from storygen import model_thread  # noqa: E402
 from storygen.config import StorygenConfig  # noqa: E402
 from storygen.engine import Engine, Sequence  # noqa: E402
+from storygen.kvcache import cache_argument  # noqa: E402
 from storygen.model import LoadedModel, load_model  # noqa: E402
 from storygen.sampling import SamplingParams  # noqa: E402
 from storygen.stories import StoryRequest, prepare  # noqa: E402
@@ -103,12 +104,12 @@ def step_overhead(lm: LoadedModel, prompt_ids: list[int], steps: int = 48) -> fl
     """Worker decode step at batch 1 against a bare forward pass with the KV cache."""
     with torch.inference_mode():
         ids = torch.tensor([prompt_ids], device=lm.device)
-        cache = DynamicCache(config=lm.model.config)
-        out = lm.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache = {cache_argument(lm.model): DynamicCache(config=lm.model.config)}
+        out = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         started = time.perf_counter()
         for _ in range(steps):
-            out = lm.model(input_ids=token, past_key_values=cache, use_cache=True)
+            out = lm.model(input_ids=token, use_cache=True, **cache)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
         bare = time.perf_counter() - started
     engine = Engine(lm, 1)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from storygen.kvcache import new_cache, replace_layer, truncate_layer
+from storygen.kvcache import cache_argument, new_cache, replace_layer, truncate_layer
 from storygen.model import LoadedModel
 from storygen.sampling import RowKnobs, SamplingParams, sample_next
 
@@ -74,6 +74,7 @@ class Engine:
         self.lm = lm
         self.max_batch = max_batch
         self.append_cache = append_cache  # in-place KV appends (kvcache.py); False: transformers' torch.cat
+        self._cache_arg = cache_argument(lm.model)  # "cache", or "past_key_values" before transformers 5.24
         self.rows: list[Sequence] = []  # the running batch, in cache order
         self._cache: DynamicCache | None = None
         self._mask = torch.zeros(0, 0, dtype=torch.long, device=lm.device)  # (B, T): 0 where left-padded
@@ -185,8 +186,8 @@ class Engine:
                 input_ids=self._next[:, None],  # (B, 1)
                 attention_mask=self._mask if self._padded else None,
                 position_ids=self._positions[:, None],  # (B, 1): rows sit at different positions
-                past_key_values=self._cache,
                 use_cache=True,
+                **{self._cache_arg: self._cache},
             )
         except BaseException:
             self._mask = self._mask[:, :-1]
@@ -213,8 +214,8 @@ class Engine:
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (G, L): each row counts from 0 at its first token
         cache = new_cache(self.lm.model.config) if self.append_cache else DynamicCache(config=self.lm.model.config)
         out = self.lm.model(input_ids=input_ids, attention_mask=mask if padded else None,
-                            position_ids=positions if padded else None, past_key_values=cache, use_cache=True,
-                            logits_to_keep=1)
+                            position_ids=positions if padded else None, use_cache=True, logits_to_keep=1,
+                            **{self._cache_arg: cache})
         if padded:  # padding's keys and values are never attended to; zero them so nothing odd can leak
             keep = mask.bool()[:, None, :, None]  # (G, 1, L, 1)
             for layer in cache.layers:

@@ -13,6 +13,7 @@ def test_worker_bench_smoke_run():
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "FutureWarning" not in result.stderr  # e.g. a forward still passing a renamed argument
     lines = result.stdout.strip().splitlines()
     assert re.fullmatch(r"throughput_ratio: \d+\.\d\d", lines[-1])
     assert any(line.startswith("round 1:") for line in lines)
