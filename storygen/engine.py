@@ -194,7 +194,7 @@ class Engine:
             self._crop(length)  # layers that already grew roll back, so the batch stays consistent
             raise
         self._positions = self._positions + 1
-        return out.logits[:, -1, :]  # (B, V)
+        return out.logits[:, -1, :].float()  # (B, V); sampling's softmax and top-p sums want fp32, not bf16
 
     def _check_fits(self, seq: Sequence) -> None:
         length = len(seq.prompt_ids) + seq.params.length
@@ -230,7 +230,8 @@ class Engine:
                 seen[g, r] = True
         knobs = RowKnobs.from_params([seq.params for seq in seqs], self.lm.vocab_size, device)
         penalise = any(seq.params.repetition_penalty != 1 for seq in seqs)
-        tokens = sample_next(out.logits[:, -1, :], knobs, seen if penalise else None, [s.generator for s in seqs])
+        logits = out.logits[:, -1, :].float()  # (G, V), in fp32 whatever the model's dtype
+        tokens = sample_next(logits, knobs, seen if penalise else None, [s.generator for s in seqs])
         outputs = [self._record(seq, tok) for seq, tok in zip(seqs, tokens.tolist())]
         seen[torch.arange(G, device=device), tokens] = True
         # 3. Rows that go on join the running batch; one that stopped at once never does.
