@@ -2,9 +2,9 @@
 
 This is continuous batching in eager PyTorch. A sequence joins the running batch at
 the next step when a slot is free (sequences admitted together are prefilled in one
-left-padded pass, then their KV cache is left-padded into the batch's), and leaves
-the moment it finishes. Each row keeps
-its own temperature, top_p, top_k, repetition penalty, length and random stream.
+left-padded pass, starting from whatever prefix of theirs the prefix cache holds, then
+their KV cache is left-padded into the batch's), and leaves the moment it finishes.
+Each row keeps its own temperature, top_p, top_k, repetition penalty, length and random stream.
 
 Why our own loop rather than transformers' continuous-batching manager: the manager
 takes one GenerationConfig for all requests, so per-row settings and per-row seeds
