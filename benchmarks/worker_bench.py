@@ -4,9 +4,10 @@
     python benchmarks/worker_bench.py --model tiny    # a CI-sized smoke run
 
 A: the naive baseline, each request alone through `model.generate` with the same
-sampling settings. B: the worker, fed the same N requests at once. A and B alternate
-for --rounds rounds in this one process; the last line is the median ratio of B's
-tokens/s to A's.
+sampling settings, in fp32 as the seeds ran it (the same model object when the worker's
+is fp32, else an fp32 copy loaded the same way). B: the worker, fed the same N requests
+at once, in STORYGEN_DTYPE. A and B alternate for --rounds rounds in this one process;
+the last line is the median ratio of B's tokens/s to A's.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from storygen import model_thread  # noqa: E402
 from storygen.config import StorygenConfig  # noqa: E402
 from storygen.engine import Engine, Sequence  # noqa: E402
+from storygen.kvcache import cache_argument  # noqa: E402
 from storygen.model import LoadedModel, load_model  # noqa: E402
 from storygen.sampling import SamplingParams  # noqa: E402
 from storygen.stories import StoryRequest, prepare  # noqa: E402
@@ -50,7 +52,8 @@ def openings(n: int, seed: int = 0) -> list[tuple[str, str]]:
     return [("auto", FALLBACK[i % len(FALLBACK)]) for i in range(n)]
 
 
-def load(model: str, tmp: Path) -> tuple[LoadedModel, StorygenConfig]:
+def load(model: str, tmp: Path) -> tuple[LoadedModel, LoadedModel, StorygenConfig]:
+    """The worker's model, the baseline's fp32 model (the same one when the worker's is fp32), the config."""
     config = StorygenConfig.from_env()
     if model == "tiny":
         from tests.tiny import save_tiny_model
@@ -59,7 +62,10 @@ def load(model: str, tmp: Path) -> tuple[LoadedModel, StorygenConfig]:
         config = replace(config, model=str(directory), model_format="instruct")
     elif model != "default":
         config = replace(config, model=model)
-    return model_thread.call(load_model, config), config
+    lm = model_thread.call(load_model, config)
+    if lm.dtype == torch.float32:
+        return lm, lm, config
+    return lm, model_thread.call(load_model, replace(config, dtype="float32")), config
 
 
 def run_baseline(lm: LoadedModel, prepared: list, params: SamplingParams) -> tuple[int, float]:
@@ -103,12 +109,12 @@ def step_overhead(lm: LoadedModel, prompt_ids: list[int], steps: int = 48) -> fl
     """Worker decode step at batch 1 against a bare forward pass with the KV cache."""
     with torch.inference_mode():
         ids = torch.tensor([prompt_ids], device=lm.device)
-        cache = DynamicCache(config=lm.model.config)
-        out = lm.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache = {cache_argument(lm.model): DynamicCache(config=lm.model.config)}
+        out = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         started = time.perf_counter()
         for _ in range(steps):
-            out = lm.model(input_ids=token, past_key_values=cache, use_cache=True)
+            out = lm.model(input_ids=token, use_cache=True, **cache)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
         bare = time.perf_counter() - started
     engine = Engine(lm, 1)
@@ -137,17 +143,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
-        lm, config = load(args.model, Path(tmp))
+        lm, baseline, config = load(args.model, Path(tmp))
         config = replace(config, max_per_user=max(args.n, args.flood) + 1, max_queue=max(64, args.n + args.flood + 1),
                          max_batch=config.max_batch or max(args.n, 1))
         params = SamplingParams(length=args.new_tokens, temperature=0.8, top_p=0.95, top_k=50, repetition_penalty=1.1)
         pairs = openings(args.n)
         print(f"model {lm.name} on {lm.device} ({lm.dtype}), {torch.get_num_threads()} threads; "
-              f"N={args.n}, {args.new_tokens} new tokens, {args.rounds} rounds, worker slots {config.max_batch}")
-        asyncio.run(_rounds(lm, config, params, pairs, args))
+              f"N={args.n}, {args.new_tokens} new tokens, {args.rounds} rounds, worker slots {config.max_batch}; "
+              f"baseline generate() in {baseline.dtype}")
+        asyncio.run(_rounds(lm, baseline, config, params, pairs, args))
 
 
-async def _rounds(lm: LoadedModel, config: StorygenConfig, params: SamplingParams, pairs: list, args) -> None:
+async def _rounds(lm: LoadedModel, baseline: LoadedModel, config: StorygenConfig, params: SamplingParams,
+                  pairs: list, args) -> None:
     ratios, ttfts = [], []
     for r in range(args.rounds):
         requests = [StoryRequest(f"r{r}-{i}", f"api:user{i}", g, o, replace(params, seed=i))
@@ -155,7 +163,7 @@ async def _rounds(lm: LoadedModel, config: StorygenConfig, params: SamplingParam
         prepared = [prepare(q, lm, config) for q in requests]
         # All torch work runs on the model thread, as in the bot; so A's generate() does too, and
         # the worker, which holds that thread while it runs, is started after A is done.
-        a_tokens, a_time = model_thread.call(run_baseline, lm, prepared, params)
+        a_tokens, a_time = model_thread.call(run_baseline, baseline, prepared, params)
         async with Worker(lm, config) as worker:
             b_tokens, b_time, stories = await run_worker(worker, requests)
         ttfts += [s.timings["ttft_s"] for s in stories]

@@ -22,6 +22,7 @@ from bot.state import BotState
 from storygen import model_thread
 from storygen.config import Env, StorygenConfig
 from storygen.errors import ConfigError, ModelLoadError
+from storygen.logs import quiet_libraries
 from storygen.model import load_model
 from storygen.settings import SettingsStore
 from storygen.worker import Worker
@@ -96,6 +97,7 @@ def main() -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_libraries(debug=config.log_level == "DEBUG")
 
     async def run() -> None:
         stop = asyncio.Event()

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from storygen.config import Env, StorygenConfig
 from storygen.errors import ConfigError, EmptyPromptError, ModelLoadError, StorygenError
 from storygen.genres import GENRES, is_auto, resolve_genre
+from storygen.logs import quiet_libraries
 from storygen.prompts import to_opening
 from storygen.sampling import SamplingParams, validate
 
@@ -62,12 +63,8 @@ def _list_genres() -> str:
 def _quiet_libraries() -> None:
     import os
 
-    import transformers
-
     os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's own progress bar
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    quiet_libraries()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -106,8 +103,7 @@ def _generate(config: StorygenConfig, args: argparse.Namespace, params: Sampling
     from storygen.model import load_model
     from storygen.stories import StoryRequest, generate_story, prepare
 
-    if not args.verbose:
-        _quiet_libraries()
+    _quiet_libraries()  # -v shows our progress, not the libraries' warnings
     try:
         lm = load_model(config)
     except ModelLoadError as error:

@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 FORMATS = ("auto", "genre_tags", "instruct", "plain")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+ONEDNN_MODES = ("auto", "true", "false")
 
 
 class Secret:
@@ -132,13 +133,14 @@ class StorygenConfig:
     model_format: str = "auto"
     device: str = "auto"
     dtype: str = "auto"
-    onednn: bool = True  # fp32 on a CPU: pack linear layers for oneDNN (see onednn.py)
+    onednn: str = "auto"  # on a CPU, pack linear layers for oneDNN: auto (fp32 only), true (bf16 too), false
     cache_dir: Path = field(default_factory=_default_cache_dir)
     default_genre: str = "auto"
     defaults: SamplingParams = SamplingParams()
     limits: SamplingLimits = SamplingLimits()
     max_prompt_chars: int = 600
     max_batch: int = 0  # 0: pick for the device (see worker)
+    prefix_cache_mb: int = 0  # KV of shared prompt prefixes kept for reuse (prefix_cache.py); 0: off
     max_queue: int = 64
     max_per_user: int = 2
     deadline_s: float = 600.0
@@ -170,15 +172,28 @@ class StorygenConfig:
             model_format=env.choice("STORYGEN_FORMAT", "auto", FORMATS),
             device=env.choice("STORYGEN_DEVICE", "auto", DEVICES),
             dtype=env.choice("STORYGEN_DTYPE", "auto", DTYPES),
-            onednn=env.bool("STORYGEN_ONEDNN", True),
+            onednn=_onednn_mode(env),
             cache_dir=env.path("STORYGEN_CACHE_DIR", _default_cache_dir()),
             default_genre=env.str("STORYGEN_DEFAULT_GENRE", "auto"),
             defaults=defaults,
             limits=limits,
             max_prompt_chars=env.int("STORYGEN_MAX_PROMPT_CHARS", 600, 1, 20_000),
             max_batch=env.int("STORYGEN_MAX_BATCH", 0, 0, 1024),
+            prefix_cache_mb=env.int("STORYGEN_PREFIX_CACHE_MB", 0, 0, 1_000_000),
             max_queue=env.int("STORYGEN_MAX_QUEUE", 64, 1, 100_000),
             max_per_user=env.int("STORYGEN_MAX_PER_USER", 2, 1, 1000),
             deadline_s=env.float("STORYGEN_DEADLINE_S", 600.0, 1, 86_400),
             settings_db=env.path("STORYGEN_SETTINGS_DB", Path("storygen.sqlite3")),
         )
+
+
+def _onednn_mode(env: Env) -> str:
+    """STORYGEN_ONEDNN: auto, or a boolean (true/false, 1/0, yes/no, on/off, as before auto existed)."""
+    raw = env.raw("STORYGEN_ONEDNN")
+    if raw is None or raw.lower() == "auto":
+        return "auto"
+    try:
+        return "true" if env.bool("STORYGEN_ONEDNN", True) else "false"
+    except ConfigError:
+        raise ConfigError(f"STORYGEN_ONEDNN={raw!r} is not allowed; choose one of: "
+                          f"{', '.join(ONEDNN_MODES)}") from None

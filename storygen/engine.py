@@ -2,9 +2,9 @@
 
 This is continuous batching in eager PyTorch. A sequence joins the running batch at
 the next step when a slot is free (sequences admitted together are prefilled in one
-left-padded pass, then their KV cache is left-padded into the batch's), and leaves
-the moment it finishes. Each row keeps
-its own temperature, top_p, top_k, repetition penalty, length and random stream.
+left-padded pass, starting from whatever prefix of theirs the prefix cache holds, then
+their KV cache is left-padded into the batch's), and leaves the moment it finishes.
+Each row keeps its own temperature, top_p, top_k, repetition penalty, length and random stream.
 
 Why our own loop rather than transformers' continuous-batching manager: the manager
 takes one GenerationConfig for all requests, so per-row settings and per-row seeds
@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from storygen.kvcache import new_cache, replace_layer, truncate_layer
+from storygen.kvcache import AppendLayer, cache_argument, new_cache, replace_layer, truncate_layer
 from storygen.model import LoadedModel
+from storygen.prefix_cache import PrefixCache
 from storygen.sampling import RowKnobs, SamplingParams, sample_next
 
 logger = logging.getLogger(__name__)
@@ -70,10 +71,17 @@ class SequenceError(Exception):
 class Engine:
     """Owns the model's running batch. Not thread-safe: one thread calls it."""
 
-    def __init__(self, lm: LoadedModel, max_batch: int, append_cache: bool = True) -> None:
+    def __init__(self, lm: LoadedModel, max_batch: int, append_cache: bool = True, prefix_cache_bytes: int = 0) -> None:
         self.lm = lm
         self.max_batch = max_batch
         self.append_cache = append_cache  # in-place KV appends (kvcache.py); False: transformers' torch.cat
+        # Prompt prefixes' KV kept for reuse (prefix_cache.py); only where every layer is plain full
+        # attention, whose KV a later prompt can take as it is.
+        reusable = append_cache and all(isinstance(layer, AppendLayer) for layer in new_cache(lm.model.config).layers)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 and reusable else None
+        if prefix_cache_bytes > 0 and not reusable:
+            logger.warning("the prefix cache is off: this model's KV cache is not plain full attention")
+        self._cache_arg = cache_argument(lm.model)  # "cache", or "past_key_values" before transformers 5.24
         self.rows: list[Sequence] = []  # the running batch, in cache order
         self._cache: DynamicCache | None = None
         self._mask = torch.zeros(0, 0, dtype=torch.long, device=lm.device)  # (B, T): 0 where left-padded
@@ -185,15 +193,15 @@ class Engine:
                 input_ids=self._next[:, None],  # (B, 1)
                 attention_mask=self._mask if self._padded else None,
                 position_ids=self._positions[:, None],  # (B, 1): rows sit at different positions
-                past_key_values=self._cache,
                 use_cache=True,
+                **{self._cache_arg: self._cache},
             )
         except BaseException:
             self._mask = self._mask[:, :-1]
             self._crop(length)  # layers that already grew roll back, so the batch stays consistent
             raise
         self._positions = self._positions + 1
-        return out.logits[:, -1, :]  # (B, V)
+        return out.logits[:, -1, :].float()  # (B, V); sampling's softmax and top-p sums want fp32, not bf16
 
     def _check_fits(self, seq: Sequence) -> None:
         length = len(seq.prompt_ids) + seq.params.length
@@ -201,35 +209,43 @@ class Engine:
             raise ValueError(f"prompt of {len(seq.prompt_ids)} tokens plus {seq.params.length} new ones exceeds "
                              f"the model's {self.lm.max_positions} positions")
 
+    def prefill_cost(self, seq: Sequence) -> int:
+        """Tokens a prefill of `seq` would compute: its prompt (and what it wrote) less any cached prefix."""
+        row = seq.prompt_ids + seq.generated
+        return len(row) - (self.prefix_cache.peek(row) if self.prefix_cache is not None else 0)
+
     def _prefill(self, seqs: list[Sequence]) -> list[StepOutput]:
         """Run the prompts through the model together, sample each first token, and join the batch."""
         device = self.lm.device
         rows = [seq.prompt_ids + seq.generated for seq in seqs]  # a preempted sequence resumes with what it wrote
-        G, L = len(rows), max(map(len, rows))
-        # 1. Left-pad to one width, so every row's last token sits in the last column.
-        input_ids = torch.tensor([[self.lm.pad_id] * (L - len(r)) + r for r in rows], device=device)  # (G, L)
-        mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows], device=device)  # (G, L)
-        padded = any(len(r) < L for r in rows)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (G, L): each row counts from 0 at its first token
-        cache = new_cache(self.lm.model.config) if self.append_cache else DynamicCache(config=self.lm.model.config)
+        G = len(rows)
+        # 1. Start each row's cache with its longest cached prefix (P columns, left-padded), then
+        #    left-pad the rest to one width S, so every row's last token sits in the last column.
+        cache, mask, cached = self._cached_prefixes(rows)  # mask: (G, P)
+        rest = [r[n:] for r, n in zip(rows, cached)]
+        S = max(map(len, rest))
+        input_ids = torch.tensor([[self.lm.pad_id] * (S - len(r)) + r for r in rest], device=device)  # (G, S)
+        mask = torch.cat([mask, torch.tensor([[0] * (S - len(r)) + [1] * len(r) for r in rest], device=device)],
+                         dim=1)  # (G, P+S): 0 at padding, which sits between prefix and rest in some rows
+        padded = not bool(mask.all())
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, -S:]  # (G, S): each row counts from 0 at its first token
         out = self.lm.model(input_ids=input_ids, attention_mask=mask if padded else None,
-                            position_ids=positions if padded else None, past_key_values=cache, use_cache=True,
-                            logits_to_keep=1)
+                            position_ids=positions if padded or mask.shape[1] > S else None, use_cache=True,
+                            logits_to_keep=1, **{self._cache_arg: cache})
+        self._remember_prefixes(rows, cached, cache)
         if padded:  # padding's keys and values are never attended to; zero them so nothing odd can leak
-            keep = mask.bool()[:, None, :, None]  # (G, 1, L, 1)
+            keep = mask.bool()[:, None, :, None]  # (G, 1, P+S, 1)
             for layer in cache.layers:
                 layer.keys.masked_fill_(~keep, 0)
                 layer.values.masked_fill_(~keep, 0)
         # 2. Sample each row's first token with its own settings, as a decode step would.
         seen = torch.zeros(G, self.lm.vocab_size, dtype=torch.bool, device=device)  # (G, V)
-        seen[torch.arange(G, device=device)[:, None], input_ids] = True
-        if padded:
-            seen[:, self.lm.pad_id] = False
-            for g, r in enumerate(rows):  # the pad id may also be a real token of the prompt
-                seen[g, r] = True
+        for g, r in enumerate(rows):  # the whole row, cached prefix included, and never the padding
+            seen[g, r] = True
         knobs = RowKnobs.from_params([seq.params for seq in seqs], self.lm.vocab_size, device)
         penalise = any(seq.params.repetition_penalty != 1 for seq in seqs)
-        tokens = sample_next(out.logits[:, -1, :], knobs, seen if penalise else None, [s.generator for s in seqs])
+        logits = out.logits[:, -1, :].float()  # (G, V), in fp32 whatever the model's dtype
+        tokens = sample_next(logits, knobs, seen if penalise else None, [s.generator for s in seqs])
         outputs = [self._record(seq, tok) for seq, tok in zip(seqs, tokens.tolist())]
         seen[torch.arange(G, device=device), tokens] = True
         # 3. Rows that go on join the running batch; one that stopped at once never does.
@@ -242,6 +258,46 @@ class Engine:
         if going:
             self._join([seqs[g] for g in going], cache, mask, tokens, seen)
         return outputs
+
+    def _cached_prefixes(self, rows: list[list[int]]) -> tuple[DynamicCache, torch.Tensor, list[int]]:
+        """A cache holding each row's cached prefix, left-padded to the longest (P); its (G, P) mask; each length."""
+        device, G = self.lm.device, len(rows)
+        if self.prefix_cache is None:
+            cache = new_cache(self.lm.model.config) if self.append_cache else DynamicCache(config=self.lm.model.config)
+            return cache, torch.zeros(G, 0, dtype=torch.long, device=device), [0] * G
+        hits = [self.prefix_cache.lookup(r) for r in rows]
+        P = max(n for n, _ in hits)
+        cache = new_cache(self.lm.model.config)
+        mask = torch.zeros(G, P, dtype=torch.long, device=device)
+        if P:
+            kv = next(kv for n, kv in hits if n)  # (layers, 2, H, n, D)
+            past = kv.new_zeros(kv.shape[0], 2, G, kv.shape[2], P, kv.shape[4])  # (layers, 2, G, H, P, D)
+            for g, (n, kv) in enumerate(hits):
+                if n:
+                    past[:, :, g, :, P - n:] = kv
+                    mask[g, P - n:] = 1
+            for layer, (keys, values) in zip(cache.layers, past):
+                replace_layer(layer, keys, values)
+        return cache, mask, [n for n, _ in hits]
+
+    def _remember_prefixes(self, rows: list[list[int]], cached: list[int], cache: DynamicCache) -> None:
+        """Add each row's newly computed full blocks to the prefix cache."""
+        if self.prefix_cache is None:
+            return
+        layers = cache.layers
+        if len({(layer.keys.shape, layer.values.shape) for layer in layers}) != 1:
+            logger.warning("the prefix cache is off: this model's layers keep KV of different shapes")
+            self.prefix_cache = None
+            return
+        B, W = self.prefix_cache.block_tokens, layers[0].keys.shape[2]
+        for g, (row, n) in enumerate(zip(rows, cached)):
+            full = len(row) // B * B
+            if full <= n:
+                continue
+            first = W - (len(row) - n)  # row g's uncomputed tokens fill the last columns, from here
+            kv = torch.stack([torch.stack([layer.keys[g, :, first:first + full - n],
+                                           layer.values[g, :, first:first + full - n]]) for layer in layers])
+            self.prefix_cache.insert(row[:full], kv, n)  # kv: (layers, 2, H, full - n, D)
 
     # --- batch bookkeeping ---------------------------------------------------------------------
 

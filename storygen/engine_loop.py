@@ -67,7 +67,7 @@ class EngineLoop:
         room = min(self.engine.free_slots, MAX_PREFILL_GROUP)
         while len(admitted) < room and (peeked := self._queue.peek()) is not None:
             head = peeked[1]
-            cost = len(head.seq.prompt_ids) + len(head.seq.generated)
+            cost = self.engine.prefill_cost(head.seq)  # a cached prefix is not computed again
             if admitted and tokens + cost > self.prefill_tokens:
                 break
             self._queue.pop()

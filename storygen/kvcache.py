@@ -10,6 +10,8 @@ model's attention and masking code treats it as usual.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -55,6 +57,16 @@ class AppendLayer(DynamicLayer):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.get_seq_length() > 0:
             self.set(self.keys[indices], self.values[indices])
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name of the model's forward argument that takes the KV cache.
+
+    transformers 5.24 renamed `past_key_values` to `cache`; the old name warns (a FutureWarning
+    on every forward) until 5.40 removes it. Ask the signature rather than the version, so a
+    model whose forward still says `past_key_values` keeps working too.
+    """
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def new_cache(config) -> DynamicCache:

@@ -76,7 +76,29 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
         return getattr(torch, requested)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32  # CPU half precision is slower than fp32 for these sizes
+    if device.type == "cpu" and cpu_has_bf16():
+        return torch.bfloat16
+    return torch.float32  # without bf16 instructions, CPU half precision is emulated: slower than fp32
+
+
+def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AMX or AVX-512 BF16) and torch uses AVX-512 here.
+
+    torch's capability says which vector kernels it dispatches to (AVX2, AVX512, ...; lowered by
+    ATEN_CPU_CAPABILITY); the bf16 instructions themselves are CPU flags, which it doesn't report.
+    """
+    if "AVX512" not in torch.backends.cpu.get_cpu_capability().upper():
+        return False
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:  # not Linux: ask torch's own CPU probe, where this build has one
+        probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+        return bool(probe and probe())
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return bool(BF16_FLAGS & set(flags))
+
+
+BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 
 
 def default_gguf_path() -> Path:
@@ -165,7 +187,7 @@ def load_model(config: StorygenConfig) -> LoadedModel:
             f"copy that directory here and set STORYGEN_MODEL to its path"
         ) from error
     model.to(device).eval()
-    if config.onednn and can_pack(device, dtype):
+    if can_pack(device, dtype, config.onednn):
         logger.info("packed %s linear layers for oneDNN", pack_linears(model))
     metadata = read_metadata(Path(source)) if local else None
     spec = resolve_format(config.model_format, model_id, metadata, tokenizer)

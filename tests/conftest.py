@@ -30,6 +30,9 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def tiny_config(directory: Path, fmt: str, tmp: Path, **changes: object) -> StorygenConfig:
+    # fp32 unless a test asks otherwise: STORYGEN_DTYPE=auto means bf16 on some CPUs, and the
+    # suite should compute the same everywhere (tests/test_dtype.py covers bf16).
+    changes = {"dtype": "float32", **changes}
     return replace(StorygenConfig(), model=str(directory), model_format=fmt, device="cpu",
                    cache_dir=tmp / "cache", settings_db=tmp / "settings.sqlite3", **changes)
 

@@ -3,6 +3,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from tests.conftest import DEV_PLOTS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -13,7 +17,22 @@ def test_worker_bench_smoke_run():
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "FutureWarning" not in result.stderr  # e.g. a forward still passing a renamed argument
     lines = result.stdout.strip().splitlines()
     assert re.fullmatch(r"throughput_ratio: \d+\.\d\d", lines[-1])
     assert any(line.startswith("round 1:") for line in lines)
     assert any(line.startswith("fairness:") for line in lines)
+
+
+@pytest.mark.skipif(not DEV_PLOTS.is_file(), reason="needs ../shared/data/genre_plots_dev.txt")
+def test_perplexity_bench_smoke_run():
+    result = subprocess.run(
+        [sys.executable, "benchmarks/perplexity_bench.py", "--model", "tiny", "--stories", "3", "--max-tokens", "24"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = dict(line.split(": ", 1) for line in result.stdout.splitlines() if not line.startswith("#"))
+    assert figures["stories"] == "3" and int(figures["tokens_scored"]) > 3
+    assert float(figures["perplexity_float32"]) > 1 and float(figures["perplexity_bfloat16"]) > 1
+    assert re.fullmatch(r"perplexity_ratio: \d+\.\d{4}", result.stdout.strip().splitlines()[-1])
+    assert abs(float(figures["perplexity_ratio"]) - 1) < 0.05  # bf16 of a tiny random model: close, not equal

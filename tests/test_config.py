@@ -20,6 +20,8 @@ def test_environment_wins_over_dotenv_over_defaults(tmp_path):
     ("STORYGEN_MAX_QUEUE", "0", "STORYGEN_MAX_QUEUE='0' is out of range; it must be at least 1"),
     ("STORYGEN_FORMAT", "chat", "choose one of: auto, genre_tags, instruct, plain"),
     ("STORYGEN_DEVICE", "gpu", "choose one of"),
+    ("STORYGEN_DTYPE", "fp8", "STORYGEN_DTYPE='fp8' is not allowed; choose one of: auto, float32, bfloat16, float16"),
+    ("STORYGEN_ONEDNN", "maybe", "STORYGEN_ONEDNN='maybe' is not allowed; choose one of: auto, true, false"),
     ("STORYGEN_LENGTH", "900", "STORYGEN_LENGTH: length=900 is out of range; allowed: 1 to 400 tokens"),
 ])
 def test_bad_values_name_key_and_value(key, value, message):

@@ -1,0 +1,152 @@
+"""The prefix cache: longest cached prefix, blocks chained to their parents, a memory bound with LRU
+eviction, and stories identical with and without it."""
+
+import pytest
+import torch
+
+from storygen.config import Env, StorygenConfig
+from storygen.engine import Engine, Sequence
+from storygen.genres import get_genre
+from storygen.prefix_cache import PrefixCache
+from storygen.prompts import build_prompt
+from storygen.sampling import SamplingParams
+from storygen.worker import Worker
+from storygen.stories import StoryRequest
+from tests.conftest import tiny_config
+
+B = 4  # block size in the unit tests
+LAYERS, HEADS, DIM = 2, 1, 3
+BLOCK_BYTES = LAYERS * 2 * HEADS * B * DIM * 4
+
+
+def kv_for(ids: list[int]) -> torch.Tensor:
+    """Fake KV whose values name their token and position, so a test can see which blocks came back."""
+    values = torch.tensor([[t * 1000 + i for i, t in enumerate(ids)]], dtype=torch.float32)  # (1, n)
+    return values[None, None, :, :, None].expand(LAYERS, 2, HEADS, len(ids), DIM).clone()
+
+
+def filled(ids: list[int], max_bytes: int = 10**6) -> PrefixCache:
+    cache = PrefixCache(max_bytes, block_tokens=B)
+    cache.insert(ids, kv_for(ids), 0)
+    return cache
+
+
+def test_the_longest_cached_prefix_comes_back_leaving_the_last_token():
+    ids = list(range(1, 11))  # 10 tokens: blocks [1..4], [5..8]; [9, 10] is not full
+    cache = filled(ids)
+    assert len(cache) == 2 and cache.bytes == 2 * BLOCK_BYTES
+    n, kv = cache.lookup(ids + [42, 43])
+    assert n == 8 and torch.equal(kv, kv_for(ids)[:, :, :, :8])
+    assert cache.lookup(ids[:8])[0] == 4  # the last token is always computed, so the second block is not used
+    assert cache.lookup([1, 2, 3, 4, 99, 6, 7, 8, 9])[0] == 4  # differs in the second block
+    assert cache.lookup([9, 9, 9, 9, 5, 6, 7, 8, 9]) == (0, None)  # second block's tokens, but after another first
+
+
+def test_insert_after_a_hit_adds_only_the_new_blocks():
+    cache = filled([1, 2, 3, 4, 5])
+    row = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]
+    n, _ = cache.lookup(row)
+    assert n == 4
+    cache.insert(row, kv_for(row)[:, :, :, n:], n)  # the KV of row[n:], as a prefill computes it
+    assert len(cache) == 3
+    n, kv = cache.lookup(row + [14])
+    assert n == 12 and torch.equal(kv, kv_for(row)[:, :, :, :12])
+
+
+def test_eviction_keeps_the_bound_and_takes_least_recently_used_leaves_first():
+    cache = PrefixCache(3 * BLOCK_BYTES, block_tokens=B)
+    a = [1, 1, 1, 1, 2, 2, 2, 2, 3]  # blocks a1, a2
+    b = [1, 1, 1, 1, 5, 5, 5, 5, 6]  # shares a1, adds b2
+    cache.insert(a, kv_for(a), 0)
+    cache.insert(b, kv_for(b)[:, :, :, 4:], 4)
+    assert len(cache) == 3
+    cache.lookup(a)  # a is now the most recent; b2 the least
+    c = [7, 7, 7, 7, 8]
+    cache.insert(c, kv_for(c), 0)
+    assert cache.bytes <= 3 * BLOCK_BYTES
+    assert cache.lookup(a)[0] == 8 and cache.lookup(b)[0] == 4 and cache.lookup(c + [0])[0] == 4
+
+
+def test_a_chain_broken_since_the_lookup_is_not_extended():
+    cache = PrefixCache(BLOCK_BYTES, block_tokens=B)
+    row = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    cache.insert(row[:4], kv_for(row[:4]), 0)
+    assert cache.lookup(row)[0] == 4
+    cache.insert([7, 7, 7, 7], kv_for([7, 7, 7, 7]), 0)  # evicts the first block
+    cache.insert(row, kv_for(row)[:, :, :, 4:], 4)  # its parent is gone: nothing to hang it on
+    assert cache.lookup(row)[0] == 0 and cache.bytes <= BLOCK_BYTES
+
+
+# --- in the engine: the same stories with and without it ------------------------------------------
+
+OPENINGS = ["Once upon a time, in a kingdom far away, there lived a curious girl.",
+            "Once upon a time, in a kingdom far away, there lived a curious girl. Then it ran away!",
+            "Once upon a time, in a kingdom far away",
+            "After discovering time travel, the scientist warned herself",
+            "Once upon a time, in a kingdom far away, there lived a curious girl who said: \"We have to go now.\""]
+PARAMS = [SamplingParams(length=14, greedy=True), SamplingParams(length=9, greedy=True, repetition_penalty=1.3),
+          SamplingParams(length=20, greedy=True), SamplingParams(length=11, greedy=True, repetition_penalty=1.1),
+          SamplingParams(length=16, temperature=0.9, seed=5)]
+
+
+def _stories(lm, prompts, prefix_cache_bytes: int) -> tuple[list[list[int]], Engine]:
+    """Two waves through one engine: a row alone, then the rest prefilled together while it runs."""
+    engine = Engine(lm, max_batch=8, prefix_cache_bytes=prefix_cache_bytes)
+    first = [Sequence("w0", prompts[0], PARAMS[0])]
+    engine.start_many(first)
+    engine.step()
+    second = [Sequence(f"w{i}", ids, p) for i, (ids, p) in enumerate(zip(prompts[1:], PARAMS[1:]), start=1)]
+    engine.start_many(second)
+    while engine.rows:
+        engine.step()
+    third = [Sequence(f"again{i}", ids, p) for i, (ids, p) in enumerate(zip(prompts, PARAMS))]
+    engine.start_many(third[:2])  # the same prompts again: now most of each is cached
+    engine.start_many(third[2:])
+    while engine.rows:
+        engine.step()
+    return [s.generated for s in first + second + third], engine
+
+
+@pytest.mark.parametrize("kind", ["instruct", "genre_tags"])  # Llama (RoPE) and GPT-2 (learned positions)
+def test_greedy_stories_are_the_same_with_and_without_the_cache(tiny_lms, kind):
+    lm = tiny_lms[kind]
+    prompts = [build_prompt(lm.spec, lm.tokenizer, get_genre("drama"), o) for o in OPENINGS]
+    expected, _ = _stories(lm, prompts, 0)
+    got, engine = _stories(lm, prompts, 1 << 20)
+    assert got == expected
+    assert engine.prefix_cache.hits >= 3 * 8  # it really reused blocks, in different rows of one prefill
+    assert engine.prefill_cost(Sequence("x", prompts[1], PARAMS[0])) < len(prompts[1])
+
+
+def test_a_cache_too_small_for_the_prompts_evicts_and_changes_nothing(tiny_lms):
+    lm = tiny_lms["instruct"]
+    prompts = [build_prompt(lm.spec, lm.tokenizer, get_genre("horror"), o) for o in OPENINGS]
+    expected, _ = _stories(lm, prompts, 0)
+    block = Engine(lm, 1, prefix_cache_bytes=1).prefix_cache.block_tokens
+    kv = lm.model.config
+    block_bytes = kv.num_hidden_layers * 2 * kv.num_key_value_heads * block * (kv.hidden_size // kv.num_attention_heads) * 4
+    got, engine = _stories(lm, prompts, 3 * block_bytes)
+    assert got == expected
+    assert 0 < engine.prefix_cache.bytes <= 3 * block_bytes
+
+
+def test_the_setting_and_the_worker(tiny_lms, tmp_path):
+    assert StorygenConfig.from_env(Env({}, env_file=None)).prefix_cache_mb == 0
+    assert StorygenConfig.from_env(Env({"STORYGEN_PREFIX_CACHE_MB": "64"}, env_file=None)).prefix_cache_mb == 64
+    lm = tiny_lms["instruct"]
+    assert Worker(lm, tiny_config(lm.name, "instruct", tmp_path)).engine.prefix_cache is None
+    worker = Worker(lm, tiny_config(lm.name, "instruct", tmp_path, prefix_cache_mb=8))
+    assert worker.engine.prefix_cache.max_bytes == 8 << 20
+
+
+async def test_stories_through_the_worker_are_the_same_with_the_cache(tiny_lms, tmp_path):
+    lm = tiny_lms["instruct"]
+
+    async def write(prefix_cache_mb: int) -> list[str]:
+        config = tiny_config(lm.name, "instruct", tmp_path, prefix_cache_mb=prefix_cache_mb, max_per_user=10)
+        async with Worker(lm, config) as worker:
+            handles = [await worker.submit(StoryRequest(f"r{i}", "api:u", "drama", o, SamplingParams(length=12, seed=i)))
+                       for i, o in enumerate(OPENINGS * 2)]
+            return [(await h).text for h in handles]
+
+    assert await write(4) == await write(0)
