@@ -1,0 +1,388 @@
+"""What front-ends call for group storytelling, and the timers and model turns behind it.
+
+    storytime.attach("slack", surface)        # how to speak in a thread on that platform
+    await storytime.resume("slack")           # after a restart: open sessions carry on
+    reply = await storytime.add(place, actor, text)   # every command: commit, then reply
+
+Each command loads the session, applies one rule from rules.py, and commits the row
+before it returns the reply, so whatever a user is told survives a restart. What the
+thread should hear afterwards (whose turn, the model's line) runs in the background.
+Deadlines are wall-clock times in the row; `tick()` acts on those that have passed,
+and `run_timers` calls it when the next one is due. Tests call `tick()` with a clock
+of their own instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import replace
+
+from bot import messages
+from bot.storytime import rules, votes
+from bot.storytime.export import credits, filename, to_markdown
+from bot.storytime.limits import StorytimeLimits
+from bot.storytime.model_turns import model_request, write_line
+from bot.storytime.session import Actor, Place, Session, StartOptions, StorytimeError
+from bot.storytime.store import SessionStore
+from bot.storytime.surface import Surface
+from storygen.stories import pick_genre
+from storygen.worker import Worker
+
+logger = logging.getLogger(__name__)
+
+MAX_TIMER_SLEEP_S = 30.0
+
+
+class StorytimeService:
+    def __init__(self, worker: Worker, store: SessionStore, limits: StorytimeLimits = StorytimeLimits(),
+                 clock: Callable[[], float] = time.time) -> None:
+        self.worker = worker
+        self.store = store
+        self.limits = limits
+        self.clock = clock
+        self.surfaces: dict[str, Surface] = {}
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._turns: dict[str, asyncio.Task] = {}  # session id -> its model turn in progress
+        self._background: set[asyncio.Task] = set()
+        self._wake = asyncio.Event()
+
+    def attach(self, platform: str, surface: Surface) -> None:
+        self.surfaces[platform] = surface
+
+    # --- commands -------------------------------------------------------------------------------
+
+    async def start(self, place: Place, actor: Actor, options: StartOptions,
+                    open_thread: Callable[[Session], Awaitable[str]]) -> Session:
+        """Open a session; `open_thread(session)` posts its first message and returns where it lives."""
+        existing = self.store.find_open(place.server_key, place.channel)
+        if existing is not None:
+            raise StorytimeError(messages.ST_ALREADY_OPEN.format(title=existing.title))
+        if len(self.store.open_sessions(server_key=place.server_key)) >= self.limits.max_sessions:
+            raise StorytimeError(messages.ST_TOO_MANY_SESSIONS.format(limit=self.limits.max_sessions))
+        # The genre the model will write in: `auto` is decided once, from the opening; a model's unknown genre is refused.
+        genre, _ = pick_genre(options.genre, options.opening or options.title, self.worker.lm, self.worker.config)
+        options = replace(options, genre=genre.name)
+        session = rules.new_session(uuid.uuid4().hex[:8], place, "", actor, options, self.limits, self.clock())
+        session.thread = await open_thread(session)
+        self.store.save(session)
+        logger.info("storytime %s (%s) started by %s", session.session_id, session.key, actor.user)
+        told = [messages.ST_LINE.format(name=session.name_of(actor.user), text=session.lines[0].text)] \
+            if session.lines else []
+        self._after(session, told + ([] if session.model else _turn_notice(session)))
+        return session
+
+    async def join(self, place: Place, actor: Actor) -> str:
+        async with self._session(place) as session:
+            told = rules.join(session, actor, self.limits, self.clock())
+            self.store.save(session)
+        self._after(session, told)
+        return told[0]
+
+    async def leave(self, place: Place, actor: Actor) -> str:
+        async with self._session(place) as session:
+            told = rules.leave(session, actor, self.clock())
+            self.store.save(session)
+        self._after(session, told)
+        return told[0]
+
+    async def add(self, place: Place, actor: Actor, text: str, *, echo: bool = True) -> str:
+        """A player's line. `echo`: post it in the thread (a slash command's text is seen by nobody else)."""
+        async with self._session(place) as session:
+            rules.check_can_add(session, actor)
+            line = rules.clean_line(text, self.limits)
+            told = rules.add_line(session, actor, line, self.clock())
+            self.store.save(session)
+        shown = [messages.ST_LINE.format(name=session.name_of(actor.user), text=line)] if echo else []
+        self._after(session, shown + told)
+        return messages.ST_ADDED.format(left=session.turns_left)
+
+    async def undo(self, place: Place, actor: Actor) -> str:
+        async with self._session(place) as session:
+            line, told = rules.undo(session, actor, self.clock())
+            self.store.save(session)
+        undone = messages.ST_UNDONE.format(author=_author(session, line.author), text=_short(line.text))
+        self._after(session, [undone, *told])
+        return undone
+
+    async def vote(self, platform: str, session_id: str, actor: Actor, index: int) -> str:
+        async with self._locks[session_id]:
+            session = self.store.get(session_id)
+            if session is None or session.status != "open" or session.platform != platform:
+                raise StorytimeError(messages.ST_VOTE_CLOSED)
+            reply = votes.cast(session, actor, index, self.clock())
+            told = self._close_vote(session, timed_out=False) if votes.everyone_voted(session) else []
+            self.store.save(session)
+        self._after(session, told)
+        return reply
+
+    async def end(self, place: Place, actor: Actor, session_id: str | None = None) -> str:
+        if session_id:
+            session = self.store.get(session_id)
+            if session is None or session.status != "open" or session.server_key != place.server_key:
+                raise StorytimeError(messages.ST_END_NOT_FOUND.format(session_id=session_id))
+        else:
+            session = self._find(place)
+        if actor.user != session.starter and not actor.is_admin:
+            raise StorytimeError(messages.ST_END_ONLY)
+        name = actor.name or session.name_of(actor.user)
+        ended = await self._end(session.session_id, messages.ST_END_ASKED.format(name=name))
+        return messages.ST_ENDED_ACK.format(title=(ended or session).title)
+
+    def status(self, place: Place) -> str:
+        session = self._find(place)
+        text = "\n".join(line.text for line in session.lines)
+        if len(text) > self.limits.status_chars:
+            text = messages.ST_STATUS_CUT + "\n…" + text[-self.limits.status_chars:].split(" ", 1)[-1]
+        if session.vote is not None:
+            whose = messages.ST_STATUS_VOTE
+        elif session.model is not None:
+            whose = messages.ST_STATUS_MODEL
+        elif session.mode == "free":
+            whose = messages.ST_STATUS_FREE
+        elif session.turn is not None:
+            left = max(0, round((session.deadline or 0) - self.clock()))
+            whose = messages.ST_STATUS_TURN.format(name=session.name_of(session.turn), seconds=left)
+        else:
+            whose = ""
+        head = messages.ST_STATUS.format(title=session.title, genre=session.genre, mode=session.mode,
+                                         lines=len(session.lines), left=session.turns_left, whose=whose,
+                                         players=", ".join(map(session.name_of, session.players)) or "none")
+        return head.rstrip() + ("\n\n" + text if text else "")
+
+    def list(self, place: Place, actor: Actor) -> str:
+        if not actor.is_admin:
+            raise StorytimeError(messages.ST_LIST_ONLY)
+        sessions = self.store.open_sessions(server_key=place.server_key)
+        if not sessions:
+            return messages.ST_LIST_EMPTY
+        return "\n".join([messages.ST_LIST_HEAD, *(messages.ST_LIST_LINE.format(
+            session_id=s.session_id, title=s.title, channel=s.channel, players=len(s.players), lines=len(s.lines),
+            starter=s.name_of(s.starter)) for s in sessions)])
+
+    # --- restarts and timers --------------------------------------------------------------------
+
+    async def resume(self, platform: str) -> int:
+        """After a restart: every open session carries on; a model turn cut off is run again once."""
+        sessions = self.store.open_sessions(platform)
+        for session in sessions:
+            if session.model is None:
+                continue
+            if session.model.attempts >= 2:
+                async with self._locks[session.session_id]:
+                    session = self.store.get(session.session_id)
+                    told = [messages.ST_MODEL_DROPPED, *rules.finish_model_turn(session, self.clock())]
+                    self.store.save(session)
+                self._after(session, told)
+            else:
+                self._after(session, [messages.ST_MODEL_RERUN])
+        await self.tick()
+        logger.info("storytime: %s open sessions on %s resumed", len(sessions), platform)
+        return len(sessions)
+
+    async def tick(self) -> None:
+        """Act on every deadline that has passed: votes close, turns are skipped, idle sessions end."""
+        now = self.clock()
+        for session in self.store.open_sessions():
+            if session.platform in self.surfaces and rules.next_deadline(session, self.limits) <= now:
+                await self._tick(session.session_id, now)
+
+    async def _tick(self, session_id: str, now: float) -> None:
+        async with self._locks[session_id]:
+            session = self.store.get(session_id)
+            if session is None or session.status != "open":
+                return
+            told: list[str] = []
+            if session.vote is not None and session.vote.deadline <= now:
+                told += self._close_vote(session, timed_out=True)
+            told += rules.expire_turn(session, self.limits, now)
+            self.store.save(session)
+        self._after(session, told)
+
+    async def run_timers(self, stop: asyncio.Event) -> None:
+        """In production: tick whenever the next deadline is due (or a command may have moved it)."""
+        while not stop.is_set():
+            try:
+                await self.tick()
+            except Exception:
+                logger.exception("storytime timers failed; trying again")
+            upcoming = [rules.next_deadline(s, self.limits) for s in self.store.open_sessions()]
+            wait = min([MAX_TIMER_SLEEP_S, *(t - self.clock() for t in upcoming)])
+            self._wake.clear()
+            stop_wait = asyncio.ensure_future(stop.wait())
+            wake_wait = asyncio.ensure_future(self._wake.wait())
+            await asyncio.wait([stop_wait, wake_wait], timeout=max(0.05, wait), return_when=asyncio.FIRST_COMPLETED)
+            stop_wait.cancel()
+            wake_wait.cancel()
+
+    async def idle(self) -> None:
+        """Wait until nothing runs in the background: notices told, model turns done (for tests and shutdown)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    async def close(self) -> None:
+        """Stop model turns in progress; their mark stays in the row, so the next start runs them again."""
+        for task in list(self._turns.values()) + list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._turns.values(), *self._background, return_exceptions=True)
+
+    # --- inside ---------------------------------------------------------------------------------
+
+    def _find(self, place: Place) -> Session:
+        session = self.store.find_open(place.server_key, place.channel)
+        if session is None:
+            raise StorytimeError(messages.ST_NO_SESSION)
+        return session
+
+    def _session(self, place: Place) -> _Locked:
+        """`async with self._session(place) as session`: the session here, loaded fresh under its lock."""
+        return _Locked(self, self._find(place).session_id)
+
+    def _after(self, session: Session, told: list[str]) -> None:
+        """In the background, in order: tell the thread, run the model's turn if due, end the session if over."""
+        self._wake.set()
+        self._spawn(self._follow_up(session.session_id, told))
+
+    def _spawn(self, coro: Coroutine) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _follow_up(self, session_id: str, told: list[str]) -> None:
+        session = self.store.get(session_id)
+        if session is None:
+            return
+        surface = self.surfaces.get(session.platform)
+        if surface is None:
+            return
+        try:
+            for line in told:
+                await surface.say(session, line)
+            session = self.store.get(session_id)
+            if session.status != "open":
+                return
+            if session.model is not None and session_id not in self._turns:
+                self._turns[session_id] = asyncio.current_task()
+                try:
+                    await self._model_turn(session_id, surface)
+                finally:
+                    self._turns.pop(session_id, None)
+                session = self.store.get(session_id)
+            if session.status == "open" and (reason := rules.end_reason(session, self.limits, self.clock())):
+                await self._end(session_id, reason)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a front-end failure must not take the session down; the log has the rest
+            logger.exception("storytime %s: telling the thread failed", session_id)
+
+    async def _model_turn(self, session_id: str, surface: Surface) -> None:
+        """Write the model's line (or a vote's two options, one after the other: one request at a time)."""
+        while True:
+            async with self._locks[session_id]:
+                session = self.store.get(session_id)
+                if session is None or session.status != "open" or session.model is None:
+                    return
+                session.model.attempts += 1
+                self.store.save(session)  # marked before it is submitted: a restart runs it again
+            kind, number = session.model.kind, len(session.model.options) + 1
+            label = messages.ST_VOTE_OPTION.format(number=number) if kind == "vote" else messages.STORYTIME_BOT_NAME
+            request = model_request(session, self.worker.config, self.limits, self.worker.lm.max_positions)
+            text, error = await write_line(self.worker, surface, session, label, request, self.limits)
+            async with self._locks[session_id]:
+                session = self.store.get(session_id)
+                if session is None or session.status != "open" or session.model is None:
+                    return  # ended or undone meanwhile
+                if error is not None:
+                    told = [messages.ST_MODEL_FAILED.format(error=error),
+                            *rules.finish_model_turn(session, self.clock())]
+                elif kind == "vote" and number < 2:
+                    session.model.options.append(text)
+                    session.model.attempts = 0
+                    self.store.save(session)
+                    continue
+                elif kind == "vote":
+                    votes.open_vote(session, [*session.model.options, text], self.limits.vote_timeout_s,
+                                    self.clock())
+                    told = []
+                else:
+                    told = rules.add_model_line(session, text, self.clock())
+                self.store.save(session)
+            if session.vote is not None:
+                await surface.say(session, messages.ST_VOTE_OFFER.format(seconds=round(self.limits.vote_timeout_s)))
+                await surface.offer_vote(session)
+            for line in told:
+                await surface.say(session, line)
+            return
+
+    def _close_vote(self, session: Session, timed_out: bool) -> list[str]:
+        """Under the session's lock: the winning option becomes the model's line."""
+        index, counts = votes.tally(session.vote)
+        text = session.vote.options[index]
+        wording = messages.ST_VOTE_TIMEOUT if timed_out else messages.ST_VOTE_RESULT
+        result = wording.format(number=index + 1, votes=votes.describe_counts(counts))
+        return [result, *rules.add_model_line(session, text, self.clock())]
+
+    async def _end(self, session_id: str, reason: str) -> Session | None:
+        """Archive the session and post the whole story as a Markdown file."""
+        async with self._locks[session_id]:
+            session = self.store.get(session_id)
+            if session is None or session.status != "open":
+                return None
+            session.status, session.ended_reason = "ended", reason
+            session.model, session.vote, session.turn, session.deadline = None, None, None, None
+            self.store.save(session)
+        turn = self._turns.get(session_id)
+        if turn is not None and turn is not asyncio.current_task():
+            turn.cancel()
+        logger.info("storytime %s ended: %s", session_id, reason)
+        people = ", ".join(f"{name} ({count})" for name, count in credits(session)) or "nobody"
+        surface = self.surfaces.get(session.platform)
+        if surface is not None:
+            text = messages.ST_ENDED.format(title=session.title, lines=len(session.lines), people=people)
+            try:
+                await surface.attach(session, filename(session), to_markdown(session, self.clock()),
+                                     f"{text} ({reason})")
+            except Exception:
+                logger.exception("storytime %s: posting the story failed", session_id)
+        return session
+
+
+class _Locked:
+    """The session at a place, loaded under its lock; the lock is held until the block ends."""
+
+    def __init__(self, service: StorytimeService, session_id: str) -> None:
+        self._service, self._id = service, session_id
+        self._lock = service._locks[session_id]
+
+    async def __aenter__(self) -> Session:
+        await self._lock.acquire()
+        session = self._service.store.get(self._id)
+        if session is None or session.status != "open":
+            self._lock.release()
+            raise StorytimeError(messages.ST_NO_SESSION)
+        return session
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+def _turn_notice(session: Session) -> list[str]:
+    if session.mode == "free":
+        return [messages.ST_NEXT_FREE]
+    if session.turn is None:
+        return []
+    return [messages.ST_NEXT.format(name=session.name_of(session.turn),
+                                    timeout=rules.describe_seconds(session.turn_timeout_s))]
+
+
+def _author(session: Session, author: str) -> str:
+    return messages.STORYTIME_BOT_NAME if author == "model" else session.name_of(author)
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + "…"
