@@ -16,6 +16,8 @@ import sys
 from bot.config import BotConfig
 from bot.service import StoryService
 from bot.state import BotState
+from bot.storytime.service import StorytimeService
+from bot.storytime.store import SessionStore
 from storygen import model_thread
 from storygen.config import Env, StorygenConfig
 from storygen.errors import ConfigError, ModelLoadError
@@ -26,7 +28,7 @@ from storygen.worker import Worker
 logger = logging.getLogger("bot")
 
 
-def _front_ends(service: StoryService, config: BotConfig) -> list:
+def _front_ends(service: StoryService, config: BotConfig, storytime: StorytimeService | None = None) -> list:
     ends = []
     if config.discord_enabled:
         from bot.discord.adapter import DiscordFrontEnd
@@ -35,7 +37,7 @@ def _front_ends(service: StoryService, config: BotConfig) -> list:
     if config.slack_enabled:
         from bot.slack.adapter import SlackFrontEnd
 
-        ends.append(SlackFrontEnd(service, config))
+        ends.append(SlackFrontEnd(service, config, storytime=storytime))
     return ends
 
 
@@ -46,13 +48,17 @@ async def serve(config: BotConfig, storygen_config: StorygenConfig, stop: asynci
     worker = Worker(lm, storygen_config)
     await worker.start()
     service = StoryService(worker, settings, state, storygen_config)
-    ends = _front_ends(service, config)
+    storytime = StorytimeService(worker, SessionStore(storygen_config.settings_db))  # group sessions, same DB
+    ends = _front_ends(service, config, storytime)
+    timers = asyncio.create_task(storytime.run_timers(stop))
     try:
         for end in ends:
             await end.start()
         logger.info("serving on %s", ", ".join(type(e).__name__ for e in ends))
         await stop.wait()
     finally:
+        timers.cancel()
+        await storytime.close()  # model turns in progress run again at the next start
         if not await worker.drain(config.shutdown_grace_s):
             logger.warning("stopping with stories unfinished after %.0f s; their users are told to retry",
                            config.shutdown_grace_s)
@@ -61,6 +67,7 @@ async def serve(config: BotConfig, storygen_config: StorygenConfig, stop: asynci
         await worker.stop()
         settings.close()
         state.close()
+        storytime.store.close()
         logger.info("stopped")
 
 

@@ -187,6 +187,7 @@ ST_MODEL_RERUN = "↻ The bot restarted while the model was writing; it is writi
 ST_MODEL_DROPPED = "⚠️ The model's line was interrupted twice by restarts; carry on without it."
 ST_VOTE_OFFER = "🗳️ Pick the model's next line: vote with the buttons within {seconds} s (a tie picks the first)."
 ST_VOTE_OPTION = "Option {number}"
+ST_VOTE_BUTTONS = "🗳️ Your vote:"
 ST_VOTE_ONLY_PLAYERS = "Only players can vote; `/storytime join` first."
 ST_VOTE_CLOSED = "That vote is already over."
 ST_VOTE_CAST = "You voted for option {number}."

@@ -52,7 +52,7 @@ def model_line(request: StoryRequest, story: Story, config: StorygenConfig, limi
     """The new part of the story, as a line: a few sentences, cleaned; "" if nothing usable came."""
     shown = to_opening(request.prompt, config.max_prompt_chars)[0]
     text = story.text[len(shown):] if story.text.startswith(shown) else story.text
-    return first_sentences(to_opening(text, 100_000)[0], limits.model_sentences)
+    return first_sentences(" ".join(to_opening(text, 100_000)[0].split()), limits.model_sentences)  # one paragraph
 
 
 def first_sentences(text: str, count: int) -> str:

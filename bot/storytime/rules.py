@@ -231,6 +231,13 @@ def next_deadline(session: Session, limits: StorytimeLimits) -> float:
     return min(times)
 
 
+def announcement(session: Session) -> str:
+    """The session's first message: it opens the thread where the session lives."""
+    return messages.ST_STARTED.format(title=session.title, genre=session.genre, mode=session.mode,
+                                      starter=session.name_of(session.starter), turns=session.max_turns,
+                                      timeout=describe_seconds(session.turn_timeout_s))
+
+
 def describe_seconds(seconds: float) -> str:
     if seconds >= 60 and seconds % 60 == 0:
         minutes = int(seconds // 60)
