@@ -33,7 +33,7 @@ def _front_ends(service: StoryService, config: BotConfig, storytime: StorytimeSe
     if config.discord_enabled:
         from bot.discord.adapter import DiscordFrontEnd
 
-        ends.append(DiscordFrontEnd(service, config))
+        ends.append(DiscordFrontEnd(service, config, storytime=storytime))
     if config.slack_enabled:
         from bot.slack.adapter import SlackFrontEnd
 

@@ -198,3 +198,36 @@ ST_MISSING_LINES = "[… {count} earlier {lines} of the story left out here …]
 ST_EXPORT_CREDITS = "Credits"
 ST_EXPORT_MODEL = "StoryBot (the model)"
 ST_LINE = "*{name}*: {text}"
+ST_STARTED_ACK_DISCORD = "Started **{title}** in <#{thread}>."
+ST_START_IN_CHANNEL = "Start a storytime session in a text channel: it opens a thread of its own there."
+DISCORD_STORYTIME_HELP = """\
+**Storytime**: write one story together, in turns, with the model adding to it between you.
+• `/storytime start genre:<genre>` (opening, title, turns, turn_timeout, mode: turns, free or vote): opens a thread
+• `/storytime join`, `/storytime leave`: take part, or stop; turns go in the order people joined
+• `/storytime add text:<line>`{reply_hint}
+• `/storytime status`, `/storytime undo` (the starter or a Manage Server admin), `/storytime end`
+• `/storytime list` (Manage Server): the open sessions here; `/storytime end session:<id>` ends one"""
+DISCORD_STORYTIME_NO_REPLIES = (" (replies in the thread don't count on this bot: its operator has not enabled "
+                                "the Message Content intent)")
+DISCORD_COMMANDS.update({
+    "storytime": "Write a story together, in turns, with the model",
+    "storytime start": "Open a storytime session in a new thread off this channel",
+    "storytime join": "Take part in the session here",
+    "storytime leave": "Stop taking part in the session here",
+    "storytime add": "Add your line when it's your turn",
+    "storytime status": "The story so far, the players and whose turn it is",
+    "storytime undo": "Remove the last line (the starter or an admin)",
+    "storytime end": "Post the whole story as a file and close the session",
+    "storytime list": "The open sessions in this server (Manage Server)",
+    "storytime help": "How storytime works",
+})
+DISCORD_OPTIONS.update({
+    "opening": "The story's first line, credited to you",
+    "title": "The story's title (also the thread's name)",
+    "turns": "Lines people add before the session ends",
+    "turn_timeout": "Seconds each player has for their turn before it is skipped",
+    "mode": "turns: in join order; free: anyone, any time; vote: players pick between two model lines",
+    "model_every": "The model writes after every this many lines",
+    "text": "Your line of the story",
+    "session": "A session id from /storytime list (admins)",
+})

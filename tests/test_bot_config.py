@@ -33,3 +33,14 @@ def test_modes_and_masking():
     assert "secret.token" not in repr(config) and "xoxb-1" not in repr(config)
     http = _config(SLACK_BOT_TOKEN="xoxb-1", SLACK_SIGNING_SECRET="s")
     assert not http.slack_socket_mode and http.slack_http_path == "/slack/events"
+
+
+@pytest.mark.parametrize("raw, expected", [(None, False), ("true", True), ("false", False)])
+def test_discord_message_content_is_off_unless_asked_for(raw, expected):
+    values = {"DISCORD_TOKEN": "t"} | ({"DISCORD_MESSAGE_CONTENT": raw} if raw is not None else {})
+    assert _config(**values).discord_message_content is expected
+
+
+def test_a_bad_message_content_flag_is_named():
+    with pytest.raises(ConfigError, match="DISCORD_MESSAGE_CONTENT"):
+        _config(DISCORD_TOKEN="t", DISCORD_MESSAGE_CONTENT="perhaps")
