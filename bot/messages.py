@@ -19,7 +19,8 @@ HELP = """\
 • `/story queue`: where your story is in line
 • `/story cancel`: stop your story
 • `/story continue`: carry on your last story in this channel
-• `/story admin` (workspace admins): `allow` or `disallow` this channel, `everywhere`, `max_length=N`, `max_temperature=T`, `cooldown=SECONDS`"""
+• `/story admin` (workspace admins): `allow` or `disallow` this channel, `everywhere`, `max_length=N`, `max_temperature=T`, `cooldown=SECONDS`
+• `/story together …` (or `/storytime …`): write one story with others, in turns; `/story together help`"""
 
 QUEUED = "⏳ queued, #{position} in line (about {eta} s)"
 STARTED = "✍️ writing…"
@@ -109,7 +110,8 @@ DISCORD_HELP = """\
 • `/story genre:sci_fi prompt:After discovering time travel`
 • or type it all in the genre box: `/story sci_fi After discovering time travel`
 • `/continue`, or the Continue button under a story: carry it on
-• `/genres`, `/queue`, `/cancel`, `/settings show|set|reset`"""
+• `/genres`, `/queue`, `/cancel`, `/settings show|set|reset`
+• `/storytime start`: write one story together with others, in turns, in a thread (`/storytime help`)"""
 SETTINGS_NOTHING_TO_SET = "nothing to set; pick at least one option, e.g. `/settings set temperature:1.1`"
 STORY_TITLE = "📖 {genre}"
 STORY_TITLE_CONTINUED = "📖 {genre}, continued"
