@@ -12,5 +12,6 @@ turns its events into calls on `StorytimeService` (service.py) and gives it a `S
     store.py     the sessions in the bot's SQLite file
     export.py    the finished story as Markdown, with credits
     grammar.py   `/storytime …` and `/story together …` text into commands
+    describe.py  status and list as text
     service.py   what front-ends call; model_turns.py runs the model's turns
 """

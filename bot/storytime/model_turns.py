@@ -19,7 +19,7 @@ from bot.storytime.prompt import story_prompt
 from bot.storytime.session import Session, StorytimeError
 from bot.storytime.surface import Surface
 from storygen.config import StorygenConfig
-from storygen.errors import StorygenError
+from storygen.errors import StorygenError, WorkerUnavailableError
 from storygen.prompts import to_opening
 from storygen.stories import Story, StoryRequest
 from storygen.worker import Worker
@@ -64,10 +64,15 @@ def first_sentences(text: str, count: int) -> str:
 
 async def write_line(worker: Worker, surface: Surface, session: Session, label: str, request: StoryRequest,
                      limits: StorytimeLimits) -> tuple[str, str | None]:
-    """(the model's line, None), or ("", what went wrong); the thread shows it as it is written."""
+    """(the model's line, None), or ("", what went wrong); the thread shows it as it is written.
+
+    Raises WorkerUnavailableError when the worker is shutting down: the turn is left for the next start.
+    """
     ref = None
     try:
         handle = await worker.submit(request)
+    except WorkerUnavailableError:
+        raise
     except StorygenError as error:
         return "", str(error)
     try:

@@ -23,13 +23,14 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 
 from bot import messages
-from bot.storytime import rules, votes
+from bot.storytime import describe, rules, votes
 from bot.storytime.export import credits, filename, to_markdown
 from bot.storytime.limits import StorytimeLimits
 from bot.storytime.model_turns import model_request, write_line
 from bot.storytime.session import Actor, Place, Session, StartOptions, StorytimeError
 from bot.storytime.store import SessionStore
 from bot.storytime.surface import Surface
+from storygen.errors import WorkerUnavailableError
 from storygen.stories import pick_genre
 from storygen.worker import Worker
 
@@ -134,35 +135,12 @@ class StorytimeService:
         return messages.ST_ENDED_ACK.format(title=(ended or session).title)
 
     def status(self, place: Place) -> str:
-        session = self._find(place)
-        text = "\n".join(line.text for line in session.lines)
-        if len(text) > self.limits.status_chars:
-            text = messages.ST_STATUS_CUT + "\n…" + text[-self.limits.status_chars:].split(" ", 1)[-1]
-        if session.vote is not None:
-            whose = messages.ST_STATUS_VOTE
-        elif session.model is not None:
-            whose = messages.ST_STATUS_MODEL
-        elif session.mode == "free":
-            whose = messages.ST_STATUS_FREE
-        elif session.turn is not None:
-            left = max(0, round((session.deadline or 0) - self.clock()))
-            whose = messages.ST_STATUS_TURN.format(name=session.name_of(session.turn), seconds=left)
-        else:
-            whose = ""
-        head = messages.ST_STATUS.format(title=session.title, genre=session.genre, mode=session.mode,
-                                         lines=len(session.lines), left=session.turns_left, whose=whose,
-                                         players=", ".join(map(session.name_of, session.players)) or "none")
-        return head.rstrip() + ("\n\n" + text if text else "")
+        return describe.status(self._find(place), self.limits, self.clock())
 
     def list(self, place: Place, actor: Actor) -> str:
         if not actor.is_admin:
             raise StorytimeError(messages.ST_LIST_ONLY)
-        sessions = self.store.open_sessions(server_key=place.server_key)
-        if not sessions:
-            return messages.ST_LIST_EMPTY
-        return "\n".join([messages.ST_LIST_HEAD, *(messages.ST_LIST_LINE.format(
-            session_id=s.session_id, title=s.title, channel=s.channel, players=len(s.players), lines=len(s.lines),
-            starter=s.name_of(s.starter)) for s in sessions)])
+        return describe.listing(self.store.open_sessions(server_key=place.server_key))
 
     # --- restarts and timers --------------------------------------------------------------------
 
@@ -292,7 +270,17 @@ class StorytimeService:
             kind, number = session.model.kind, len(session.model.options) + 1
             label = messages.ST_VOTE_OPTION.format(number=number) if kind == "vote" else messages.STORYTIME_BOT_NAME
             request = model_request(session, self.worker.config, self.limits, self.worker.lm.max_positions)
-            text, error = await write_line(self.worker, surface, session, label, request, self.limits)
+            try:
+                text, error = await write_line(self.worker, surface, session, label, request, self.limits)
+            except WorkerUnavailableError:  # shutting down: the mark stays, and the next start writes it
+                async with self._locks[session_id]:
+                    session = self.store.get(session_id)
+                    if session is not None and session.model is not None:
+                        session.model.attempts = max(0, session.model.attempts - 1)  # this start never ran
+                        self.store.save(session)
+                logger.info("storytime %s: worker unavailable; the model turn waits for the next start",
+                            session_id)
+                return
             async with self._locks[session_id]:
                 session = self.store.get(session_id)
                 if session is None or session.status != "open" or session.model is None:
