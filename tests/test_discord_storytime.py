@@ -88,7 +88,7 @@ class DiscordBot:
                                           channel=channel)
         await self.fake.interact(payload)
         answer = await self.fake.wait_for(lambda r: payload["token"] in r.path and r.route in (CALLBACK, FOLLOWUP)
-                                          and "content" in (r.json.get("data") or r.json))
+                                          and "content" in (r.json.get("data") or r.json), timeout=30)
         await self.storytime.idle()
         body = answer.json.get("data") or answer.json
         assert body["flags"] & 64 and body["allowed_mentions"] == {"parse": []}
@@ -99,7 +99,7 @@ class DiscordBot:
                       if c["custom_id"].endswith(f":{index}"))
         payload = self.fake.button_click(message, button, user=user)
         await self.fake.interact(payload)
-        answer = await self.fake.wait_for(lambda r: r.route == CALLBACK and payload["id"] in r.path)
+        answer = await self.fake.wait_for(lambda r: r.route == CALLBACK and payload["id"] in r.path, timeout=30)
         await self.storytime.idle()
         return answer.json["data"]["content"]
 
@@ -117,7 +117,7 @@ class DiscordBot:
         return len(sessions[0].lines) if sessions else 0
 
 
-async def until(condition, timeout: float = 10) -> None:
+async def until(condition, timeout: float = 30) -> None:
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
     while not condition():

@@ -97,7 +97,7 @@ class SlackBot:
         return len(session.lines) if session else 0
 
 
-async def until(condition, timeout: float = 15) -> None:
+async def until(condition, timeout: float = 30) -> None:
     """Wait for the bot to react to a delivery (bolt handles events after it acks them)."""
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout

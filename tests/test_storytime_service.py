@@ -41,7 +41,7 @@ async def start_with(bot: Bot, *joiners: Actor, opening: str = "The dragon woke.
     return session
 
 
-async def until(condition, timeout: float = 10) -> None:
+async def until(condition, timeout: float = 30) -> None:
     """Wait for something the bot does in the background (not for a timeout of its own)."""
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
@@ -93,7 +93,7 @@ async def test_model_turns_go_through_the_worker_under_the_sessions_key_one_at_a
     await bot.service.join(PLACE, BOB)
     gate.open.clear()
     await bot.service.add(PLACE, ALICE, "The first line.")
-    await asyncio.to_thread(gate.entered.wait, 10)
+    await asyncio.to_thread(gate.entered.wait, 30)
     await bot.service.join(PLACE, CAROL)  # another follow-up while the model writes: no second turn
     await asyncio.sleep(0)
     assert [job.prepared.request.user_key for job in bot.worker._jobs.values()] == ["storytime:slack:T1:C1:100.1"]
@@ -280,7 +280,7 @@ async def test_a_model_turn_cut_off_by_a_restart_is_run_again_once(bot, gate):
     await bot.service.join(PLACE, BOB)
     gate.open.clear()
     await bot.service.add(PLACE, ALICE, "Alice's line.")
-    await asyncio.to_thread(gate.entered.wait, 10)
+    await asyncio.to_thread(gate.entered.wait, 30)
     assert stored(bot).model.attempts == 1
     await bot.service.close()  # the process dies mid turn
     gate.open.set()
@@ -294,7 +294,7 @@ async def test_a_model_turn_cut_off_twice_is_given_up(bot, gate):
     await start(bot, opening="")
     gate.open.clear()
     await bot.service.add(PLACE, ALICE, "Alice's line.")
-    await asyncio.to_thread(gate.entered.wait, 10)
+    await asyncio.to_thread(gate.entered.wait, 30)
     await bot.restart()  # the rerun is marked and queued behind the held model
     await until(lambda: stored(bot).model.attempts == 2)
     await bot.service.close()

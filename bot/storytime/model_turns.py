@@ -63,8 +63,10 @@ def first_sentences(text: str, count: int) -> str:
 
 
 async def write_line(worker: Worker, surface: Surface, session: Session, label: str, request: StoryRequest,
-                     limits: StorytimeLimits) -> tuple[str, str | None]:
-    """(the model's line, None), or ("", what went wrong); the thread shows it as it is written.
+                     limits: StorytimeLimits) -> tuple[str, str | None, object]:
+    """(the model's line, None, its message), or ("", what went wrong, None); the thread shows it as it
+    is written. The caller settles the message once the line is committed, so a restart in between
+    never leaves the thread showing a line the story does not have.
 
     Raises WorkerUnavailableError when the worker is shutting down: the turn is left for the next start.
     """
@@ -74,7 +76,7 @@ async def write_line(worker: Worker, surface: Surface, session: Session, label: 
     except WorkerUnavailableError:
         raise
     except StorygenError as error:
-        return "", str(error)
+        return "", str(error), None
     try:
         ref = await surface.stream(session, label, handle)
         story = await handle
@@ -91,6 +93,5 @@ async def write_line(worker: Worker, surface: Surface, session: Session, label: 
                              session.key)
         if ref is not None:
             await surface.settle(session, ref, label, None)
-        return "", str(error) if isinstance(error, StorygenError) else "an internal error"
-    await surface.settle(session, ref, label, text)
-    return text, None
+        return "", str(error) if isinstance(error, StorygenError) else "an internal error", None
+    return text, None, ref

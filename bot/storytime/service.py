@@ -271,7 +271,7 @@ class StorytimeService:
             label = messages.ST_VOTE_OPTION.format(number=number) if kind == "vote" else messages.STORYTIME_BOT_NAME
             request = model_request(session, self.worker.config, self.limits, self.worker.lm.max_positions)
             try:
-                text, error = await write_line(self.worker, surface, session, label, request, self.limits)
+                text, error, ref = await write_line(self.worker, surface, session, label, request, self.limits)
             except WorkerUnavailableError:  # shutting down: the mark stays, and the next start writes it
                 async with self._locks[session_id]:
                     session = self.store.get(session_id)
@@ -281,30 +281,35 @@ class StorytimeService:
                 logger.info("storytime %s: worker unavailable; the model turn waits for the next start",
                             session_id)
                 return
+            kept, told = True, []
             async with self._locks[session_id]:
-                session = self.store.get(session_id)
-                if session is None or session.status != "open" or session.model is None:
-                    return  # ended or undone meanwhile
-                if error is not None:
+                current = self.store.get(session_id)
+                if current is None or current.status != "open" or current.model is None:
+                    kept = False  # ended or undone meanwhile: the line is not part of the story
+                elif error is not None:
                     told = [messages.ST_MODEL_FAILED.format(error=error),
-                            *rules.finish_model_turn(session, self.clock())]
+                            *rules.finish_model_turn(current, self.clock())]
                 elif kind == "vote" and number < 2:
-                    session.model.options.append(text)
-                    session.model.attempts = 0
-                    self.store.save(session)
-                    continue
+                    current.model.options.append(text)
+                    current.model.attempts = 0
                 elif kind == "vote":
-                    votes.open_vote(session, [*session.model.options, text], self.limits.vote_timeout_s,
+                    votes.open_vote(current, [*current.model.options, text], self.limits.vote_timeout_s,
                                     self.clock())
-                    told = []
                 else:
-                    told = rules.add_model_line(session, text, self.clock())
-                self.store.save(session)
-            if session.vote is not None:
-                await surface.say(session, messages.ST_VOTE_OFFER.format(seconds=round(self.limits.vote_timeout_s)))
-                await surface.offer_vote(session)
+                    told = rules.add_model_line(current, text, self.clock())
+                if kept:
+                    self.store.save(current)
+            if ref is not None:  # committed first: the thread never shows a line the story lacks
+                await surface.settle(session, ref, label, text if kept else None)
+            if not kept:
+                return
+            if error is None and kind == "vote" and number < 2:
+                continue  # the second option
+            if current.vote is not None:
+                await surface.say(current, messages.ST_VOTE_OFFER.format(seconds=round(self.limits.vote_timeout_s)))
+                await surface.offer_vote(current)
             for line in told:
-                await surface.say(session, line)
+                await surface.say(current, line)
             return
 
     def _close_vote(self, session: Session, timed_out: bool) -> list[str]:
