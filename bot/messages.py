@@ -201,6 +201,8 @@ ST_EXPORT_CREDITS = "Credits"
 ST_EXPORT_MODEL = "StoryBot (the model)"
 ST_LINE = "*{name}*: {text}"
 ST_STARTED_ACK_DISCORD = "Started **{title}** in <#{thread}>."
+ST_CANT_OPEN_THREAD = ("I can't open a thread here: I need the Create Public Threads and Send Messages in Threads "
+                       "permissions in this channel.")
 ST_START_IN_CHANNEL = "Start a storytime session in a text channel: it opens a thread of its own there."
 DISCORD_STORYTIME_HELP = """\
 **Storytime**: write one story together, in turns, with the model adding to it between you.

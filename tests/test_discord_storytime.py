@@ -246,3 +246,12 @@ async def test_the_synced_storytime_group_and_genre_autocomplete(fake_discord, s
         await fake.interact(payload)
         answer = await fake.wait_for(lambda r: r.route == CALLBACK and payload["id"] in r.path)
         assert [c["value"] for c in answer.json["data"]["choices"]] == ["sci_fi"]
+
+
+async def test_without_thread_permissions_start_is_one_line_and_no_session(fake_discord, scripted_lm, model,
+                                                                          tmp_path):
+    async with running(fake_discord, scripted_lm, tmp_path) as bot:
+        fake_discord.fail_next("POST", r"/channels/\d+/threads", status=403, code=50013,
+                               message="Missing Permissions")
+        assert await bot.command("start", {"genre": "horror"}) == messages.ST_CANT_OPEN_THREAD
+        assert bot.storytime.store.open_sessions() == [] and fake_discord.threads() == []

@@ -276,3 +276,9 @@ async def test_python_m_bot_serves_storytime_over_socket_mode(fake_slack, tiny_d
     assert [line.text for line in session.lines][::2] == ["The letter came.", "She opened it."]
     assert len(session.lines) == 4
     store.close()
+
+
+async def test_a_channel_the_bot_cannot_post_in_is_one_line_and_no_session(bot, fake_slack):  # noqa: F811
+    fake_slack.fail_next("chat.postMessage", "not_in_channel")
+    assert await bot.command("start horror The door.") == escape(messages.CANT_POST)
+    assert bot.storytime.store.open_sessions() == []

@@ -148,9 +148,13 @@ class DiscordStorytime:
                 channel = interaction.channel
                 if not isinstance(channel, discord.TextChannel):
                     raise StorytimeError(messages.ST_START_IN_CHANNEL)
-                thread = await channel.create_thread(name=session.title[:100], type=discord.ChannelType.public_thread,
-                                                     auto_archive_duration=THREAD_ARCHIVE_MINUTES)
-                await thread.send(to_discord_line(announcement(session)), allowed_mentions=NO_MENTIONS)
+                try:
+                    thread = await channel.create_thread(name=session.title[:100],
+                                                         type=discord.ChannelType.public_thread,
+                                                         auto_archive_duration=THREAD_ARCHIVE_MINUTES)
+                    await thread.send(to_discord_line(announcement(session)), allowed_mentions=NO_MENTIONS)
+                except discord.Forbidden:
+                    raise StorytimeError(messages.ST_CANT_OPEN_THREAD) from None
                 return str(thread.id)
 
             session = await storytime.start(place, actor, command.start, open_thread)

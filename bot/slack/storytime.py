@@ -26,7 +26,7 @@ from bot.slack.render import escape, link_channels, unescape
 from bot.storytime.grammar import StorytimeCommand, parse_storytime
 from bot.storytime.rules import announcement
 from bot.storytime.service import StorytimeService
-from bot.storytime.session import Actor, Place, Session
+from bot.storytime.session import Actor, Place, Session, StorytimeError
 from bot.service import user_message
 
 logger = logging.getLogger(__name__)
@@ -131,7 +131,11 @@ class SlackStorytime:
         storytime = self.storytime
         if command.action == "start":
             async def open_thread(session: Session) -> str:
-                first = await client.chat_postMessage(channel=place.channel, text=escape(announcement(session)))
+                try:
+                    first = await client.chat_postMessage(channel=place.channel, text=escape(announcement(session)))
+                except SlackApiError as error:
+                    logger.warning("storytime: cannot post in %s: %s", place.channel, error.response.get("error"))
+                    raise StorytimeError(messages.CANT_POST) from None
                 return f"{place.channel}:{first['ts']}"
 
             session = await storytime.start(place, actor, command.start, open_thread)
