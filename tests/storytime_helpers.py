@@ -3,6 +3,7 @@ was told, and StorytimeService on a running worker with the tiny model, restarta
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import pytest
@@ -15,6 +16,7 @@ from storygen.worker import Worker
 from tests.conftest import tiny_config
 from tests.model_hooks import endless, gate  # noqa: F401  (fixtures, re-exported)
 
+_MESSAGE_IDS = itertools.count(1)
 LIMITS = StorytimeLimits(model_tokens=6, turn_timeout_s=100, vote_timeout_s=60)
 
 
@@ -34,6 +36,8 @@ class Clock:
 @dataclass
 class RecordingSurface:
     said: list[str] = field(default_factory=list)
+    begun: list[str] = field(default_factory=list)  # labels of the messages posted for model lines
+    settled_messages: list[str] = field(default_factory=list)
     streamed: list[tuple[str, str]] = field(default_factory=list)  # (label, what arrived as chunks)
     settled: list[tuple[str, str | None]] = field(default_factory=list)
     offered: list[list[str]] = field(default_factory=list)
@@ -42,13 +46,17 @@ class RecordingSurface:
     async def say(self, session, text: str) -> None:
         self.said.append(text)
 
-    async def stream(self, session, label: str, chunks) -> int:
+    async def begin(self, session, label: str) -> str:
+        self.begun.append(label)
+        return f"m{next(_MESSAGE_IDS)}"  # unique across restarts, as a platform's message ids are
+
+    async def stream(self, session, message: str, label: str, chunks) -> None:
         written = "".join([chunk async for chunk in chunks])
         self.streamed.append((label, written))
-        return len(self.streamed) - 1
 
-    async def settle(self, session, ref: int, label: str, text: str | None) -> None:
+    async def settle(self, session, message: str, label: str, text: str | None) -> None:
         self.settled.append((label, text))
+        self.settled_messages.append(message)
 
     async def offer_vote(self, session) -> None:
         self.offered.append(list(session.vote.options))

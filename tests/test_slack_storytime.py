@@ -282,3 +282,23 @@ async def test_a_channel_the_bot_cannot_post_in_is_one_line_and_no_session(bot, 
     fake_slack.fail_next("chat.postMessage", "not_in_channel")
     assert await bot.command("start horror The door.") == escape(messages.CANT_POST)
     assert bot.storytime.store.open_sessions() == []
+
+
+async def test_a_restart_mid_model_line_marks_the_old_message_and_writes_the_line_once(bot, fake_slack, gate):  # noqa: F811
+    await bot.command("start horror mode=free")
+    thread = fake_slack.calls_to("chat.postMessage")[0].response["ts"]
+    gate.open.clear()
+    await bot.sender.slash_command(fake_slack.slash_command("add The door opened.", command=STORYTIME_COMMAND,
+                                                            user_name="alice"))
+    writing = await fake_slack.wait_for(lambda c: c.method == "chat.postMessage"
+                                        and c.args["text"].startswith("*StoryBot*:"), timeout=30)
+    await until(lambda: bot.storytime.store.open_sessions()[0].model.message == writing.response["ts"])
+    await bot.storytime.close()  # the process dies with the line half written
+    gate.open.set()
+    await bot.restart()
+    old = fake_slack.message(STORIES, writing.response["ts"])
+    assert old["text"] == f"*StoryBot*: {escape(messages.STORY_STOPPED)}"
+    [session] = bot.storytime.store.open_sessions()
+    assert [line.author for line in session.lines] == [ALICE, MODEL] and session.model is None
+    assert f"*StoryBot*: {escape(session.lines[-1].text)}" in thread_posts(fake_slack, thread)
+    assert escape(messages.ST_MODEL_RERUN) in thread_posts(fake_slack, thread)

@@ -281,13 +281,18 @@ async def test_a_model_turn_cut_off_by_a_restart_is_run_again_once(bot, gate):
     gate.open.clear()
     await bot.service.add(PLACE, ALICE, "Alice's line.")
     await asyncio.to_thread(gate.entered.wait, 30)
-    assert stored(bot).model.attempts == 1
+    await until(lambda: stored(bot).model.message != "")
+    cut_off = stored(bot).model
+    assert cut_off.attempts == 1 and bot.surface.settled == []
     await bot.service.close()  # the process dies mid turn
     gate.open.set()
     await bot.restart()
     await bot.service.idle()
     assert bot.surface.said[0] == messages.ST_MODEL_RERUN
-    assert authors(bot) == ["alice", MODEL] and len(bot.surface.settled) == 1 and stored(bot).turn == "bob"
+    assert authors(bot) == ["alice", MODEL] and stored(bot).turn == "bob" and stored(bot).model is None
+    # the half-written message says it stopped; the line is written once, in a new message
+    assert bot.surface.settled == [("StoryBot", None), ("StoryBot", stored(bot).lines[-1].text)]
+    assert bot.surface.settled_messages[0] == cut_off.message and len(bot.surface.begun) == 1
 
 
 async def test_a_model_turn_cut_off_twice_is_given_up(bot, gate):

@@ -85,20 +85,22 @@ class DiscordSurface:
     async def say(self, session: Session, text: str) -> None:
         await self._thread(session).send(to_discord_line(text), allowed_mentions=NO_MENTIONS)
 
-    async def stream(self, session: Session, label: str, chunks: AsyncIterator[str]) -> object:
+    async def begin(self, session: Session, label: str) -> str:
         message = await self._thread(session).send(_model_text(label, "", writing=True), allowed_mentions=NO_MENTIONS)
+        return str(message.id)
+
+    async def stream(self, session: Session, message: str, label: str, chunks: AsyncIterator[str]) -> None:
         written, last = "", time.monotonic()
         async for chunk in chunks:
             written += chunk
             if time.monotonic() - last >= self.interval_s:
-                await self._edit(message, _model_text(label, written, writing=True))
+                await self._edit(session, message, _model_text(label, written, writing=True))
                 last = time.monotonic()
-        return message
 
-    async def settle(self, session: Session, ref: object, label: str, text: str | None) -> None:
+    async def settle(self, session: Session, message: str, label: str, text: str | None) -> None:
         shown = _model_text(label, text) if text is not None else to_discord_line(f"**{label}**: "
                                                                                  f"{messages.STORY_STOPPED}")
-        await self._edit(ref, shown)  # type: ignore[arg-type]
+        await self._edit(session, message, shown)
 
     async def offer_vote(self, session: Session) -> None:
         view = discord.ui.View(timeout=None)
@@ -110,12 +112,12 @@ class DiscordSurface:
         file = discord.File(io.BytesIO(content.encode()), filename=filename)
         await self._thread(session).send(to_discord_line(text), file=file, allowed_mentions=NO_MENTIONS)
 
-    @staticmethod
-    async def _edit(message: discord.Message, content: str) -> None:
+    async def _edit(self, session: Session, message: str, content: str) -> None:
         try:
-            await message.edit(content=content, allowed_mentions=NO_MENTIONS)
+            await self._thread(session).get_partial_message(int(message)).edit(content=content,
+                                                                               allowed_mentions=NO_MENTIONS)
         except discord.HTTPException as error:  # a missed edit is not worth failing the turn for
-            logger.warning("storytime: edit in %s failed (%s %s)", message.channel.id, error.status, error.code)
+            logger.warning("storytime: edit in %s failed (%s %s)", session.thread, error.status, error.code)
 
 
 def _model_text(label: str, text: str, writing: bool = False) -> str:

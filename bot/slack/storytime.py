@@ -64,22 +64,25 @@ class SlackSurface:
         channel, thread_ts = _split_thread(session)
         await self.client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=escape(text))
 
-    async def stream(self, session: Session, label: str, chunks: AsyncIterator[str]) -> object:
+    async def begin(self, session: Session, label: str) -> str:
         channel, thread_ts = _split_thread(session)
         posted = await self.client.chat_postMessage(channel=channel, thread_ts=thread_ts,
                                                     text=_model_text(label, "", writing=True))
-        ts, written, last = posted["ts"], "", time.monotonic()
+        return str(posted["ts"])
+
+    async def stream(self, session: Session, message: str, label: str, chunks: AsyncIterator[str]) -> None:
+        channel, _ = _split_thread(session)
+        written, last = "", time.monotonic()
         async for chunk in chunks:
             written += chunk
             if time.monotonic() - last >= self.interval_s:
-                await self._edit(channel, ts, _model_text(label, written, writing=True))
+                await self._edit(channel, message, _model_text(label, written, writing=True))
                 last = time.monotonic()
-        return ts
 
-    async def settle(self, session: Session, ref: object, label: str, text: str | None) -> None:
+    async def settle(self, session: Session, message: str, label: str, text: str | None) -> None:
         channel, _ = _split_thread(session)
         shown = _model_text(label, text) if text is not None else f"*{escape(label)}*: {escape(messages.STORY_STOPPED)}"
-        await self._edit(channel, str(ref), shown)
+        await self._edit(channel, message, shown)
 
     async def offer_vote(self, session: Session) -> None:
         channel, thread_ts = _split_thread(session)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Awaitable, Callable
 import uuid
 from dataclasses import replace
 
@@ -63,10 +64,12 @@ def first_sentences(text: str, count: int) -> str:
 
 
 async def write_line(worker: Worker, surface: Surface, session: Session, label: str, request: StoryRequest,
-                     limits: StorytimeLimits) -> tuple[str, str | None, object]:
+                     limits: StorytimeLimits,
+                     begun: Callable[[str], Awaitable[None]]) -> tuple[str, str | None, str | None]:
     """(the model's line, None, its message), or ("", what went wrong, None); the thread shows it as it
-    is written. The caller settles the message once the line is committed, so a restart in between
-    never leaves the thread showing a line the story does not have.
+    is written. `begun(message id)` is awaited once its message is posted, for the caller to record;
+    the caller settles the message once the line is committed, so a restart in between never leaves
+    the thread showing a line the story does not have.
 
     Raises WorkerUnavailableError when the worker is shutting down: the turn is left for the next start.
     """
@@ -78,7 +81,9 @@ async def write_line(worker: Worker, surface: Surface, session: Session, label: 
     except StorygenError as error:
         return "", str(error), None
     try:
-        ref = await surface.stream(session, label, handle)
+        ref = await surface.begin(session, label)
+        await begun(ref)
+        await surface.stream(session, ref, label, handle)
         story = await handle
         text = model_line(request, story, worker.config, limits)
         if not text:

@@ -150,6 +150,8 @@ class StorytimeService:
         for session in sessions:
             if session.model is None:
                 continue
+            if session.model.message:  # the last run's half-written line: say it stopped there
+                await self._settle_left(session)
             if session.model.attempts >= 2:
                 async with self._locks[session.session_id]:
                     session = self.store.get(session.session_id)
@@ -161,6 +163,20 @@ class StorytimeService:
         await self.tick()
         logger.info("storytime: %s open sessions on %s resumed", len(sessions), platform)
         return len(sessions)
+
+    async def _settle_left(self, session: Session) -> None:
+        model = session.model
+        label = messages.ST_VOTE_OPTION.format(number=len(model.options) + 1) if model.kind == "vote" \
+            else messages.STORYTIME_BOT_NAME
+        try:
+            await self.surfaces[session.platform].settle(session, model.message, label, None)
+        except Exception as error:  # deleted, or the thread is gone: nothing left to fix
+            logger.warning("storytime %s: could not mark the interrupted line: %s", session.session_id, error)
+        async with self._locks[session.session_id]:
+            fresh = self.store.get(session.session_id)
+            if fresh is not None and fresh.model is not None:
+                fresh.model.message = ""
+                self.store.save(fresh)
 
     async def tick(self) -> None:
         """Act on every deadline that has passed: votes close, turns are skipped, idle sessions end."""
@@ -271,7 +287,8 @@ class StorytimeService:
             label = messages.ST_VOTE_OPTION.format(number=number) if kind == "vote" else messages.STORYTIME_BOT_NAME
             request = model_request(session, self.worker.config, self.limits, self.worker.lm.max_positions)
             try:
-                text, error, ref = await write_line(self.worker, surface, session, label, request, self.limits)
+                text, error, ref = await write_line(self.worker, surface, session, label, request, self.limits,
+                                                    lambda message: self._begun(session_id, message))
             except WorkerUnavailableError:  # shutting down: the mark stays, and the next start writes it
                 async with self._locks[session_id]:
                     session = self.store.get(session_id)
@@ -291,12 +308,14 @@ class StorytimeService:
                             *rules.finish_model_turn(current, self.clock())]
                 elif kind == "vote" and number < 2:
                     current.model.options.append(text)
-                    current.model.attempts = 0
+                    current.model.attempts, current.model.message = 0, ""
                 elif kind == "vote":
                     votes.open_vote(current, [*current.model.options, text], self.limits.vote_timeout_s,
                                     self.clock())
                 else:
                     told = rules.add_model_line(current, text, self.clock())
+                if kept and current.model is not None and error is None:
+                    current.model.message = ""
                 if kept:
                     self.store.save(current)
             if ref is not None:  # committed first: the thread never shows a line the story lacks
@@ -311,6 +330,14 @@ class StorytimeService:
             for line in told:
                 await surface.say(current, line)
             return
+
+    async def _begun(self, session_id: str, message: str) -> None:
+        """The model's line has a message in the thread: remember it, so a restart can mark it stopped."""
+        async with self._locks[session_id]:
+            session = self.store.get(session_id)
+            if session is not None and session.model is not None:
+                session.model.message = message
+                self.store.save(session)
 
     def _close_vote(self, session: Session, timed_out: bool) -> list[str]:
         """Under the session's lock: the winning option becomes the model's line."""

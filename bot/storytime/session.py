@@ -78,6 +78,7 @@ class ModelTurn:
     kind: str  # "line" or "vote"
     attempts: int = 0
     options: list[str] = field(default_factory=list)  # vote: the continuations written so far
+    message: str = ""  # the platform's id of the message showing the line being written
 
 
 @dataclass

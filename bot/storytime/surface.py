@@ -16,12 +16,15 @@ class Surface(Protocol):
     async def say(self, session: Session, text: str) -> None:
         """A notice in the session's thread (whose turn it is, a skip, a vote result)."""
 
-    async def stream(self, session: Session, label: str, chunks: AsyncIterator[str]) -> object:
-        """Post the model's words as they are written (edited in place, throttled); returns a
-        reference to the message for `settle`."""
+    async def begin(self, session: Session, label: str) -> str:
+        """Post the message the model's line will be written in ("writing…"); returns its id."""
 
-    async def settle(self, session: Session, ref: object, label: str, text: str | None) -> None:
-        """The model's final line in the message `stream` posted; None: it failed (say so there)."""
+    async def stream(self, session: Session, message: str, label: str, chunks: AsyncIterator[str]) -> None:
+        """Show the model's words in that message as they are written (edited in place, throttled)."""
+
+    async def settle(self, session: Session, message: str, label: str, text: str | None) -> None:
+        """The model's final line in that message; None: it stopped or failed (say so there). Also
+        called after a restart for a message the last run left mid-line."""
 
     async def offer_vote(self, session: Session) -> None:
         """Buttons for each of `session.vote.options`; a click comes back as StorytimeService.vote."""
