@@ -14,7 +14,7 @@ from bot.storytime.export import to_markdown
 from bot.storytime.session import MODEL, Actor, ModelTurn, Place, StartOptions, StorytimeError
 from storygen.genres import get_genre
 from storygen.prompts import build_prompt
-from tests.storytime_helpers import Bot, Clock, LIMITS, bot, endless, gate, lm, storygen_config, worker  # noqa: F401
+from tests.storytime_helpers import LIMITS, Bot, Clock, bot, endless, gate, lm, storygen_config, worker  # noqa: F401
 
 PLACE = Place("slack", "T1", "C1")
 ALICE, BOB, CAROL = Actor("alice", "Alice"), Actor("bob", "Bob"), Actor("carol", "Carol", is_admin=True)

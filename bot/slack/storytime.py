@@ -22,12 +22,12 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import messages
+from bot.service import user_message
 from bot.slack.render import escape, link_channels, unescape
 from bot.storytime.grammar import StorytimeCommand, parse_storytime
 from bot.storytime.rules import announcement
 from bot.storytime.service import StorytimeService
 from bot.storytime.session import Actor, Place, Session, StorytimeError
-from bot.service import user_message
 
 logger = logging.getLogger(__name__)
 
