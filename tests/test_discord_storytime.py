@@ -255,3 +255,26 @@ async def test_without_thread_permissions_start_is_one_line_and_no_session(fake_
                                message="Missing Permissions")
         assert await bot.command("start", {"genre": "horror"}) == messages.ST_CANT_OPEN_THREAD
         assert bot.storytime.store.open_sessions() == [] and fake_discord.threads() == []
+
+
+async def test_a_restart_mid_model_line_marks_the_old_message_and_writes_the_line_once(fake_discord, scripted_lm,
+                                                                                       model, tmp_path):
+    fake = fake_discord
+    async with running(fake, scripted_lm, tmp_path) as bot:
+        await bot.command("start", {"genre": "horror", "mode": "free"})
+        [thread] = fake.threads()
+        model.hold()
+        payload = fake.slash_command("storytime add", {"text": "The door opened."}, channel=thread)
+        await fake.interact(payload)
+        await model.until_held(30)
+        await until(lambda: (bot.storytime.store.open_sessions()[0].model or None) is not None
+                    and bot.storytime.store.open_sessions()[0].model.message != "")
+        cut_off = bot.storytime.store.open_sessions()[0].model.message
+        assert fake.state.message(cut_off)["content"] == f"**StoryBot**: {messages.STARTED}"
+        await bot.storytime.close()  # the process dies with the line half written
+        model.release()
+        await bot.restart()
+        assert fake.state.message(cut_off)["content"] == f"**StoryBot**: {messages.STORY_STOPPED}"
+        [session] = bot.storytime.store.open_sessions()
+        assert [line.text for line in session.lines] == ["The door opened.", MODEL_LINE] and session.model is None
+        assert bot_posts(fake, thread)[-2:] == [f"**StoryBot**: {MODEL_LINE}", messages.ST_NEXT_FREE]

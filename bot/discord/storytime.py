@@ -121,8 +121,8 @@ class DiscordSurface:
 
 
 def _model_text(label: str, text: str, writing: bool = False) -> str:
-    tail = f" {messages.STARTED}" if writing else ""
-    return to_discord_line(f"**{label}**: {text}{tail}".rstrip())
+    words = " ".join(part for part in (text.strip(), messages.STARTED if writing else "") if part)
+    return to_discord_line(f"**{label}**: {words}".rstrip())
 
 
 class DiscordStorytime:

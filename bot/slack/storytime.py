@@ -107,8 +107,8 @@ class SlackSurface:
 
 
 def _model_text(label: str, text: str, writing: bool = False) -> str:
-    tail = f" {escape(messages.STARTED)}" if writing else ""
-    return f"*{escape(label)}*: {escape(text)}{tail}".rstrip()
+    words = " ".join(part for part in (escape(text.strip()), escape(messages.STARTED) if writing else "") if part)
+    return f"*{escape(label)}*: {words}".rstrip()
 
 
 class SlackStorytime:
