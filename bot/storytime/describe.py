@@ -1,4 +1,4 @@
-"""What `/storytime status` and `/storytime list` say: sessions as text."""
+"""What `/storytime status` and `/storytime list` say, and other lines about a session."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import logging
 
 from bot import messages
 from bot.storytime.limits import StorytimeLimits
-from bot.storytime.session import Session
+from bot.storytime.rules import describe_seconds
+from bot.storytime.session import MODEL, Line, Session
 
 logger = logging.getLogger(__name__)
 
@@ -42,3 +43,19 @@ def listing(sessions: list[Session]) -> str:
     return "\n".join([messages.ST_LIST_HEAD, *(messages.ST_LIST_LINE.format(
         session_id=s.session_id, title=s.title, channel=s.channel, players=len(s.players), lines=len(s.lines),
         starter=s.name_of(s.starter)) for s in sessions)])
+
+
+def turn_notice(session: Session) -> list[str]:
+    """Who goes now, for the thread."""
+    if session.mode == "free":
+        return [messages.ST_NEXT_FREE]
+    if session.turn is None:
+        return []
+    return [messages.ST_NEXT.format(name=session.name_of(session.turn),
+                                    timeout=describe_seconds(session.turn_timeout_s))]
+
+
+def undone(session: Session, line: Line, limit: int = 60) -> str:
+    author = messages.STORYTIME_BOT_NAME if line.author == MODEL else session.name_of(line.author)
+    text = line.text if len(line.text) <= limit else line.text[:limit].rsplit(" ", 1)[0] + "…"
+    return messages.ST_UNDONE.format(author=author, text=text)

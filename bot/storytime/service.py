@@ -74,7 +74,7 @@ class StorytimeService:
         logger.info("storytime %s (%s) started by %s", session.session_id, session.key, actor.user)
         told = [messages.ST_LINE.format(name=session.name_of(actor.user), text=session.lines[0].text)] \
             if session.lines else []
-        self._after(session, told + ([] if session.model else _turn_notice(session)))
+        self._after(session, told + ([] if session.model else describe.turn_notice(session)))
         return session
 
     async def join(self, place: Place, actor: Actor) -> str:
@@ -106,7 +106,7 @@ class StorytimeService:
         async with self._session(place) as session:
             line, told = rules.undo(session, actor, self.clock())
             self.store.save(session)
-        undone = messages.ST_UNDONE.format(author=_author(session, line.author), text=_short(line.text))
+        undone = describe.undone(session, line)
         self._after(session, [undone, *told])
         return undone
 
@@ -390,19 +390,3 @@ class _Locked:
     async def __aexit__(self, *exc: object) -> None:
         self._lock.release()
 
-
-def _turn_notice(session: Session) -> list[str]:
-    if session.mode == "free":
-        return [messages.ST_NEXT_FREE]
-    if session.turn is None:
-        return []
-    return [messages.ST_NEXT.format(name=session.name_of(session.turn),
-                                    timeout=rules.describe_seconds(session.turn_timeout_s))]
-
-
-def _author(session: Session, author: str) -> str:
-    return messages.STORYTIME_BOT_NAME if author == "model" else session.name_of(author)
-
-
-def _short(text: str, limit: int = 60) -> str:
-    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + "…"
