@@ -19,6 +19,8 @@ from collections.abc import Callable
 from bot.config import BotConfig
 from bot.service import StoryService
 from bot.state import BotState
+from bot.storytime.service import StorytimeService
+from bot.storytime.store import SessionStore
 from storygen import model_thread
 from storygen.config import Env, StorygenConfig
 from storygen.errors import ConfigError, ModelLoadError
@@ -30,16 +32,16 @@ from storygen.worker import Worker
 logger = logging.getLogger("bot")
 
 
-def _chat_front_ends(service: StoryService, config: BotConfig) -> list:
+def _chat_front_ends(service: StoryService, config: BotConfig, storytime: StorytimeService | None = None) -> list:
     ends = []
     if config.discord_enabled:
         from bot.discord.adapter import DiscordFrontEnd
 
-        ends.append(DiscordFrontEnd(service, config))
+        ends.append(DiscordFrontEnd(service, config, storytime=storytime))
     if config.slack_enabled:
         from bot.slack.adapter import SlackFrontEnd
 
-        ends.append(SlackFrontEnd(service, config))
+        ends.append(SlackFrontEnd(service, config, storytime=storytime))
     return ends
 
 
@@ -65,11 +67,13 @@ async def serve(config: BotConfig, storygen_config: StorygenConfig, stop: asynci
     worker = Worker(lm, storygen_config)
     await worker.start()
     service = StoryService(worker, settings, state, storygen_config)
+    storytime = StorytimeService(worker, SessionStore(storygen_config.settings_db))  # group sessions, same DB
+    timers = asyncio.create_task(storytime.run_timers(stop))
     ends = [web] if web is not None else []
     try:
         if web is not None:
             web.serve(service)
-        for end in _chat_front_ends(service, config):
+        for end in _chat_front_ends(service, config, storytime):
             await end.start()
             ends.append(end)
         logger.info("serving on %s", ", ".join(type(e).__name__ for e in ends))
@@ -77,6 +81,8 @@ async def serve(config: BotConfig, storygen_config: StorygenConfig, stop: asynci
             on_ready(ends)
         await stop.wait()
     finally:
+        timers.cancel()
+        await storytime.close()  # model turns in progress run again at the next start
         if not await worker.drain(config.shutdown_grace_s):
             logger.warning("stopping with stories unfinished after %.0f s; their users are told to retry",
                            config.shutdown_grace_s)
@@ -85,6 +91,7 @@ async def serve(config: BotConfig, storygen_config: StorygenConfig, stop: asynci
         await worker.stop()
         settings.close()
         state.close()
+        storytime.store.close()
         logger.info("stopped")
 
 

@@ -97,7 +97,7 @@ def _split_trailing_options(words: list[str]) -> tuple[list[str], list[tuple[str
     return words, options
 
 
-def _leading_genre(words: list[str]) -> tuple[str | None, list[str]]:
+def leading_genre(words: list[str]) -> tuple[str | None, list[str]]:
     """A genre named by the first one or two words ("sci_fi", "science fiction", "auto")."""
     for width in (2, 1):
         if len(words) > width - 1:
@@ -127,7 +127,7 @@ def parse_command_text(text: str, channel: str = "") -> Command:
     if first == "admin":
         return parse_admin_words(words[1:], channel)
     words, options = _split_trailing_options(words)
-    genre, words = _leading_genre(words)
+    genre, words = leading_genre(words)
     prompt = " ".join(words)
     if not prompt:
         raise CommandError("add an opening after the genre, e.g. `/story sci_fi After discovering time travel`")

@@ -24,6 +24,7 @@ class BotConfig:
     discord_api_url: str = DISCORD_API
     discord_gateway_url: str = DISCORD_GATEWAY
     discord_guild_ids: tuple[int, ...] = ()  # sync commands to these guilds at once (global sync takes up to an hour)
+    discord_message_content: bool = False  # the privileged intent: storytime thread replies count as lines
     slack_bot_token: Secret = Secret("")
     slack_app_token: Secret = Secret("")
     slack_signing_secret: Secret = Secret("")
@@ -61,6 +62,7 @@ class BotConfig:
             discord_api_url=_url(env, "DISCORD_API_URL", DISCORD_API, ("http", "https")),
             discord_gateway_url=_url(env, "DISCORD_GATEWAY_URL", DISCORD_GATEWAY, ("ws", "wss")),
             discord_guild_ids=_ids(env, "DISCORD_GUILD_IDS"),
+            discord_message_content=env.bool("DISCORD_MESSAGE_CONTENT", False),
             slack_bot_token=env.secret("SLACK_BOT_TOKEN"),
             slack_app_token=env.secret("SLACK_APP_TOKEN"),
             slack_signing_secret=env.secret("SLACK_SIGNING_SECRET"),

@@ -52,3 +52,14 @@ def test_api_keys_are_masked():
     config = _config(HTTP_API_KEYS="key-one-1234, key-two-5678")
     assert [str(k) for k in config.http_api_keys] == ["key-one-1234", "key-two-5678"]
     assert "key-one-1234" not in repr(config)
+
+
+@pytest.mark.parametrize("raw, expected", [(None, False), ("true", True), ("false", False)])
+def test_discord_message_content_is_off_unless_asked_for(raw, expected):
+    values = {"DISCORD_TOKEN": "t"} | ({"DISCORD_MESSAGE_CONTENT": raw} if raw is not None else {})
+    assert _config(**values).discord_message_content is expected
+
+
+def test_a_bad_message_content_flag_is_named():
+    with pytest.raises(ConfigError, match="DISCORD_MESSAGE_CONTENT"):
+        _config(DISCORD_TOKEN="t", DISCORD_MESSAGE_CONTENT="perhaps")

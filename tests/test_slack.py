@@ -18,6 +18,7 @@ from bot.__main__ import serve
 from bot.config import BotConfig
 from bot.slack.adapter import SETTINGS_COMMAND, STORY_COMMAND
 from bot.slack.render import CANCEL, CONTINUE, REGENERATE, SlackLimits, escape
+from bot.slack.storytime import STORYTIME_COMMAND
 from storygen.config import Secret
 from storygen.errors import ConfigError
 from tests.conftest import tiny_config
@@ -284,7 +285,9 @@ async def test_shutdown_lets_a_running_story_finish_and_turns_new_ones_away(
 def test_manifest_matches_the_app():
     manifest = yaml.safe_load(MANIFEST.read_text())
     commands = {c["command"] for c in manifest["features"]["slash_commands"]}
-    assert commands == {STORY_COMMAND, SETTINGS_COMMAND}
+    assert commands == {STORY_COMMAND, SETTINGS_COMMAND, STORYTIME_COMMAND}
     assert manifest["settings"]["interactivity"]["is_enabled"] is True  # the buttons
     assert set(manifest["oauth_config"]["scopes"]["bot"]) == set(BOT_SCOPES.split(","))  # what the fake grants
-    assert manifest["settings"]["socket_mode_enabled"] is True and "event_subscriptions" not in manifest["settings"]
+    assert manifest["settings"]["socket_mode_enabled"] is True
+    # storytime reads thread replies; history scopes are what these events need
+    assert manifest["settings"]["event_subscriptions"]["bot_events"] == ["message.channels", "message.groups"]

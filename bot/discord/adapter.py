@@ -24,11 +24,13 @@ from bot import messages
 from bot.commands import (AdminCommand, Command, CommandError, SettingsCommand, SimpleCommand, StoryCommand,
                           parse_command_text)
 from bot.config import DISCORD_API, DISCORD_GATEWAY, BotConfig
-from bot.discord.commands import add_commands
+from bot.discord.commands import add_commands, add_storytime_commands
 from bot.discord.delivery import TOKEN_TTL_S, StoryDelivery
 from bot.discord.endpoints import point_discord_at
 from bot.discord.render import NO_MENTIONS, StoryButton, to_discord_line
+from bot.discord.storytime import DiscordStorytime, DiscordSurface, StorytimeVote
 from bot.service import ChatContext, Started, StoryService, user_message
+from bot.storytime.service import StorytimeService
 from storygen.errors import ConfigError, UnknownGenreError
 from storygen.genres import AUTO, find_genre, genre_names, is_auto
 from storygen.sampling import USER_SETTINGS
@@ -108,16 +110,26 @@ def to_story_command(genre: str, prompt: str, options: dict[str, object]) -> Com
 # --- the client -----------------------------------------------------------------------------------------
 
 class StoryClient(discord.Client):
-    """No privileged intents: slash commands and buttons arrive as interactions, whatever the intents."""
+    """No privileged intents unless DISCORD_MESSAGE_CONTENT: slash commands and buttons arrive as
+    interactions whatever the intents; storytime's thread replies need guild messages and their content."""
 
-    def __init__(self, front_end: DiscordFrontEnd, **options: object) -> None:
-        super().__init__(intents=discord.Intents(guilds=True), allowed_mentions=NO_MENTIONS, **options)
+    def __init__(self, front_end: DiscordFrontEnd, message_content: bool = False, **options: object) -> None:
+        intents = discord.Intents(guilds=True, guild_messages=message_content, message_content=message_content)
+        super().__init__(intents=intents, allowed_mentions=NO_MENTIONS, **options)
         self.front_end = front_end
         self.tree = app_commands.CommandTree(self)
 
     async def setup_hook(self) -> None:
-        self.add_dynamic_items(StoryButton)  # buttons on messages from before a restart still work
+        self.add_dynamic_items(StoryButton, StorytimeVote)  # buttons on messages from before a restart still work
         await self.front_end.sync_commands()
+
+    async def on_message(self, message: discord.Message) -> None:
+        if self.front_end.storytime is not None:
+            await self.front_end.storytime.on_message(message)
+
+    async def on_storytime_vote(self, interaction: discord.Interaction, session_id: str, index: int) -> None:
+        if self.front_end.storytime is not None:
+            await self.front_end.storytime.on_vote(interaction, session_id, index)
 
     async def on_ready(self) -> None:
         logger.info("Discord: logged in as %s in %s servers", self.user, len(self.guilds))
@@ -131,14 +143,17 @@ class StoryClient(discord.Client):
 
 class DiscordFrontEnd:
     def __init__(self, service: StoryService, config: BotConfig, *, token_ttl_s: float = TOKEN_TTL_S,
-                 guild_ready_timeout: float = 2.0) -> None:
+                 guild_ready_timeout: float = 2.0, storytime: StorytimeService | None = None) -> None:
         self.service = service
         self.config = config
         self.token_ttl_s = token_ttl_s
-        self.client = StoryClient(self, guild_ready_timeout=guild_ready_timeout)
+        self.client = StoryClient(self, config.discord_message_content, guild_ready_timeout=guild_ready_timeout)
         self.tree = self.client.tree
         self.tree.on_error = self._on_tree_error  # type: ignore[method-assign]
         add_commands(self.tree, self, service.config.limits)
+        self.storytime = DiscordStorytime(storytime, config.discord_message_content) if storytime else None
+        if storytime is not None:
+            add_storytime_commands(self.tree, self, storytime.limits.max_turns, storytime.limits.max_line_chars)
         self._deliveries: set[asyncio.Task] = set()
         self._runner: asyncio.Task | None = None
         self._restore_endpoints = None
@@ -161,6 +176,9 @@ class DiscordFrontEnd:
             raise error or RuntimeError("the Discord client stopped during start-up")
         if not self.client.is_ready():
             logger.warning("Discord: not ready after %.0f s; still trying in the background", START_TIMEOUT_S)
+        if self.storytime is not None:  # sessions a restart left open carry on (over REST: no cache needed)
+            self.storytime.storytime.attach("discord", DiscordSurface(self.client, self.config.stream_interval_s))
+            await self.storytime.storytime.resume("discord")
 
     async def stop(self) -> None:
         for task in list(self._deliveries):
@@ -204,6 +222,10 @@ class DiscordFrontEnd:
             await self._reply(interaction, result)
         else:
             await self._deliver(interaction, ctx, result)
+
+    async def handle_storytime(self, interaction: discord.Interaction) -> None:
+        """/storytime's subcommands (registered only when the bot has a StorytimeService)."""
+        await self.storytime.handle(interaction)  # type: ignore[union-attr]
 
     async def _deliver(self, interaction: discord.Interaction, ctx: ChatContext, started: Started) -> None:
         # The checks and queueing before this take milliseconds, so a refusal could still be an

@@ -31,6 +31,7 @@ class Handler(Protocol):
     async def handle(self, interaction: discord.Interaction) -> None: ...
     async def genre_choices(self, interaction: discord.Interaction,
                             current: str) -> list[app_commands.Choice[str]]: ...
+    async def handle_storytime(self, interaction: discord.Interaction) -> None: ...
 
 
 def _describe(*names: str, **renamed: str):
@@ -113,3 +114,42 @@ def add_commands(tree: app_commands.CommandTree, front: Handler, limits: Samplin
                          cooldown: Optional[Range[float, 0.0, MAX_COOLDOWN_S]] = None) -> None:
         await front.handle(interaction)
 
+
+
+def add_storytime_commands(tree: app_commands.CommandTree, front: Handler, max_turns: int,
+                           max_line_chars: int) -> None:
+    """The /storytime group; every subcommand goes to `front.handle_storytime`."""
+    group = app_commands.Group(name="storytime", description=DISCORD_COMMANDS["storytime"])
+    app_commands.guild_only()(group)
+
+    def sub(name: str):
+        return group.command(name=name, description=DISCORD_COMMANDS[f"storytime {name}"])
+
+    @sub("start")
+    @_describe("genre", "opening", "title", "turns", "turn_timeout", "mode", "model_every")
+    @app_commands.choices(mode=[app_commands.Choice(name=m, value=m) for m in ("turns", "free", "vote")])
+    async def start(interaction: discord.Interaction, genre: Range[str, 1, 100],
+                    opening: Optional[Range[str, 1, max_line_chars]] = None, title: Optional[Range[str, 1, 80]] = None,
+                    turns: Optional[Range[int, 1, max_turns]] = None,
+                    turn_timeout: Optional[Range[int, 30, 3600]] = None, mode: Optional[str] = None,
+                    model_every: Optional[Range[int, 1, 10]] = None) -> None:
+        await front.handle_storytime(interaction)
+
+    start.autocomplete("genre")(front.genre_choices)
+
+    @sub("add")
+    @_describe("text")
+    async def add(interaction: discord.Interaction, text: Range[str, 1, max_line_chars]) -> None:
+        await front.handle_storytime(interaction)
+
+    @sub("end")
+    @_describe("session")
+    async def end(interaction: discord.Interaction, session: Optional[Range[str, 1, 32]] = None) -> None:
+        await front.handle_storytime(interaction)
+
+    for name in ("join", "leave", "status", "undo", "list", "help"):
+        async def simple(interaction: discord.Interaction) -> None:
+            await front.handle_storytime(interaction)
+
+        sub(name)(simple)
+    tree.add_command(group)

@@ -37,7 +37,9 @@ from bot.commands import (AdminCommand, Command, SettingsCommand, SimpleCommand,
 from bot.config import BotConfig
 from bot.service import ChatContext, Started, StoryService, user_message
 from bot.slack.render import CANCEL, CONTINUE, REGENERATE, SlackLimits, escape, link_channels, unescape
+from bot.slack.storytime import STORYTIME_COMMAND, TOGETHER, VOTE_ACTION, SlackStorytime, SlackSurface
 from bot.slack.stream import StoryWriter, tell
+from bot.storytime.service import StorytimeService
 from storygen.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -118,8 +120,9 @@ class SlackFrontEnd:
     """Slack for a StoryService: `await start()`, `await stop()`."""
 
     def __init__(self, service: StoryService, config: BotConfig, *, limits: SlackLimits = SlackLimits(),
-                 host: str = "0.0.0.0") -> None:
+                 host: str = "0.0.0.0", storytime: StorytimeService | None = None) -> None:
         self.service = service
+        self.storytime = SlackStorytime(storytime, self._is_admin) if storytime is not None else None
         self.config = config
         self.host = host
         self.app = build_app(config)
@@ -143,6 +146,7 @@ class SlackFrontEnd:
             await self._socket.connect_async()
             logger.info("Slack: connected in Socket Mode")
             await self.writer.mark_interrupted(self.app.client)
+            await self._resume_storytime()
             return
         path = self.config.slack_http_path
         self._runner = web.AppRunner(self.app.web_app(path=path), access_log=None, shutdown_timeout=2.0)
@@ -152,6 +156,13 @@ class SlackFrontEnd:
         self.url = f"http://{host}:{port}{path}"
         logger.info("Slack: serving HTTP on %s", self.url)
         await self.writer.mark_interrupted(self.app.client)
+        await self._resume_storytime()
+
+    async def _resume_storytime(self) -> None:
+        """Group sessions speak through this app's client; those a restart left open carry on."""
+        if self.storytime is not None:
+            self.storytime.storytime.attach("slack", SlackSurface(self.app.client, self.config.stream_interval_s))
+            await self.storytime.storytime.resume("slack")
 
     async def stop(self) -> None:
         """Stop taking requests, then stop the stories in progress (each says so in its channel)."""
@@ -180,11 +191,28 @@ class SlackFrontEnd:
         self.app.command(STORY_COMMAND)(on_command)
         self.app.command(SETTINGS_COMMAND)(on_command)
         self.app.action(re.compile(f"^({CONTINUE}|{REGENERATE}|{CANCEL})$"))(on_action)
+        if self.storytime is not None:
+            self._register_storytime(self.storytime)
+
+    def _register_storytime(self, storytime: SlackStorytime) -> None:
+        async def on_storytime(ack: Any, body: dict[str, Any], client: AsyncWebClient) -> None:
+            await storytime.on_command(ack, body, client, body.get("text") or "")
+
+        async def on_reply(event: dict[str, Any], body: dict[str, Any], client: AsyncWebClient) -> None:
+            await storytime.on_reply(event, body, client)
+
+        async def on_vote(ack: Any, body: dict[str, Any], client: AsyncWebClient) -> None:
+            await storytime.on_vote(ack, body, client)
+
+        self.app.command(STORYTIME_COMMAND)(on_storytime)
+        self.app.event("message")(on_reply)
+        self.app.action(VOTE_ACTION)(on_vote)
 
     async def _once_only(self, request: AsyncBoltRequest, body: dict[str, Any], next: Any) -> BoltResponse | None:
         """A redelivery never starts a second story: drop Slack's retries, and anything seen before."""
-        if request.headers.get("x-slack-retry-num"):
-            logger.info("dropped Slack retry #%s from %s", request.headers["x-slack-retry-num"][0], _user_key(body))
+        retry = (request.headers.get("x-slack-retry-num") or ["0"])[0]
+        if retry not in ("", "0"):  # Socket Mode sends "0" with every first delivery of an event
+            logger.info("dropped Slack retry #%s from %s", retry, _user_key(body))
             return BoltResponse(status=200, body="")
         key = body.get("trigger_id") or body.get("event_id")
         if key and not self._deliveries.first_time(str(key)):
@@ -194,6 +222,11 @@ class SlackFrontEnd:
         return None
 
     async def on_command(self, ack: Any, body: dict[str, Any], client: AsyncWebClient, respond: Any) -> None:
+        words = (body.get("text") or "").split(None, 1)
+        if self.storytime is not None and body.get("command") == STORY_COMMAND and words and \
+                words[0].lower() == TOGETHER:  # `/story together …` is `/storytime …`
+            await self.storytime.on_command(ack, body, client, words[1] if len(words) > 1 else "")
+            return
         started: Started | None = None
         try:
             ctx, command = to_chat_request(body)

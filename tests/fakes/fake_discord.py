@@ -32,6 +32,7 @@ from .discord_records import GatewayFrame, RecordedRequest
 from .discord_rest import API_PREFIX, RestRouter
 from .discord_routes import DiscordRoutes
 from .discord_state import DiscordState, InteractionRecord
+from .discord_threads import register_threads
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class FakeDiscord:
             callback_deadline=callback_deadline,
             application_flags=self.application_flags,
         ).register(self.router)
+        register_threads(self.router, self.state, self._thread_event)
         self.base_url = ""
         self._runner: web.AppRunner | None = None
 
@@ -331,6 +333,15 @@ class FakeDiscord:
         else:
             payload = data
         await self.gateway.dispatch(event, payload, intent=GUILD_MESSAGES if guild_id else DIRECT_MESSAGES)
+
+    async def _thread_event(self, event: str, data: Any, intent: int) -> None:
+        if self.gateway.sessions:
+            await self.gateway.dispatch(event, data, intent=intent)
+
+    def threads(self, parent: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """The threads started off a channel (#general by default), oldest first."""
+        parent_id = (parent or self.channel)["id"]
+        return [c for c in self.state.channels.values() if c.get("parent_id") == parent_id and "thread_metadata" in c]
 
     async def _cdn(self, request: web.Request) -> web.Response:
         data = self.state.attachment_data.get(request.path)

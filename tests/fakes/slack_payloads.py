@@ -158,6 +158,28 @@ def app_mention(text: str, *, user: str = ALICE, channel: str = STORIES) -> dict
     }
 
 
+def message_event(text: str, *, user: str = ALICE, channel: str = STORIES, thread_ts: str | None = None,
+                  channel_type: str = "channel") -> dict[str, Any]:
+    """A `message` event (message.channels; message.groups with channel_type "group"): a person's
+    message, a thread reply when `thread_ts` is the parent's ts. Wrap it with `event_callback`."""
+    ts = f"{time.time():.6f}"
+    event: dict[str, Any] = {
+        "type": "message",
+        "user": user,
+        "text": text,
+        "ts": ts,
+        "channel": channel,
+        "event_ts": ts,
+        "channel_type": channel_type,
+        "team": TEAM_ID,
+        "client_msg_id": str(uuid.uuid4()),
+    }
+    if thread_ts is not None:
+        event["thread_ts"] = thread_ts
+        event["parent_user_id"] = BOT_USER_ID
+    return event
+
+
 def event_callback(event: dict[str, Any], *, event_id: str | None = None) -> dict[str, Any]:
     """The Events API outer body around one event."""
     return {

@@ -21,12 +21,13 @@ BOT_USER_ID = "U0BOT00001"
 BOT_ID = "B0BOT00001"
 ALICE = "U0ALICE001"
 BOB = "U0BOB00001"
+CAROL = "U0CAROL001"
 STORIES = "C0STORIES1"
 GENERAL = "C0GENERAL1"
 
 BOT_TOKEN = "xoxb-1234567890-0987654321-storybottest"
 APP_TOKEN = "xapp-1-A0STORYBOT-1234567890-storybottest"
-BOT_SCOPES = "commands,chat:write,chat:write.public,files:write,users:read"
+BOT_SCOPES = "commands,chat:write,chat:write.public,files:write,users:read,channels:history,groups:history"
 
 _ALPHANUM = string.ascii_uppercase + string.digits
 
@@ -104,6 +105,7 @@ class Workspace:
         default_factory=lambda: {
             ALICE: _user(ALICE, "alice", "Alice Liddell"),
             BOB: _user(BOB, "bob", "Bob Dobbs"),
+            CAROL: _user(CAROL, "carol", "Carol Danvers"),
             BOT_USER_ID: _user(BOT_USER_ID, "storybot", "StoryBot", is_bot=True),
         }
     )
