@@ -3,7 +3,8 @@
 - `genre_tags`: `<BOS> <genre> opening…`, the model writes until `<EOS>`. The seeds'
   pranavpsv/gpt2-genre-story-generator and every model made by `training/`.
 - `instruct`: the model's chat template, asked to continue the opening as a story in
-  the genre; the assistant turn is pre-filled with the opening so it carries on from it.
+  the genre (its description, plot and tone from storygen.genres, a length in words, an
+  ending); the assistant turn is pre-filled with the opening so it carries on from it.
 - `plain`: a base LM; the genre is a one-line text preamble.
 
 Whatever the format, the user's opening is encoded so that it can never become a
