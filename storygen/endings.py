@@ -11,6 +11,8 @@ import logging
 import re
 from collections.abc import Iterable
 
+from transformers import PreTrainedTokenizerBase
+
 from storygen.errors import EmptyStoryError
 
 logger = logging.getLogger(__name__)
@@ -39,6 +41,28 @@ def trim_dangling(continuation: str) -> str:
     if not ends:
         return continuation
     return continuation[: ends[-1].end()]
+
+
+def sentence_end_tokens(tokenizer: PreTrainedTokenizerBase) -> tuple[frozenset[int], frozenset[int]]:
+    """(ids of tokens that end a sentence, ids of tokens that are only whitespace), for the ending steer.
+
+    A text stands at a sentence end when its last token that is not whitespace ends one.
+    """
+    # Decoding all ~50k tokens one by one takes seconds; only tokens with sentence marks or without
+    # any ASCII letter or digit (whitespace, "…" in byte-level form) can be either kind.
+    raw = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    ids = [i for i, token in enumerate(raw) if token is not None and (
+        any(mark in token for mark in ".!?") or not any(c.isascii() and c.isalnum() for c in token))]
+    texts = tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    ends = frozenset(i for i, text in zip(ids, texts) if text.strip() and ends_sentence(text))
+    blank = frozenset(i for i, text in zip(ids, texts) if text and not text.strip())
+    return ends, blank
+
+
+def ends_sentence(text: str) -> bool:
+    """Whether the text ends a sentence: . ! ? or …, perhaps then closing quotes or brackets."""
+    text = text.rstrip()
+    return any(match.end() == len(text) for match in _SENTENCE_END.finditer(text))
 
 
 def finish_story(opening: str, continuation: str, ended_cleanly: bool, controls: Iterable[str] = ()) -> str:

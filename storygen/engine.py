@@ -28,7 +28,7 @@ from transformers import DynamicCache
 from storygen.kvcache import AppendLayer, cache_argument, new_cache, replace_layer, truncate_layer
 from storygen.model import LoadedModel
 from storygen.prefix_cache import PrefixCache
-from storygen.sampling import RowKnobs, SamplingParams, sample_next
+from storygen.sampling import END_BOOST, RowKnobs, SamplingParams, ending_bias, sample_next
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +91,7 @@ class Engine:
         self._seen = torch.zeros(0, lm.vocab_size, dtype=torch.bool, device=lm.device)  # (B, V) for the penalty
         self._knobs: RowKnobs | None = None
         self._penalise = False  # some row has a repetition penalty, so `_seen` is used
+        self._end_ids = torch.tensor(sorted(lm.end_ids), dtype=torch.long, device=lm.device)  # (E,) for the steer
 
     # --- admission and removal ---------------------------------------------------------------
 
@@ -164,8 +165,10 @@ class Engine:
             return []
         # 1. Feed each row the token it sampled last, at its own position.
         logits = self._forward_decode()  # (B, V)
-        # 2. Sample the next token of every row with that row's settings and generator.
-        tokens = sample_next(logits, self._knobs, self._seen_or_none(), [s.generator for s in self.rows])
+        # 2. Sample the next token of every row with that row's settings and generator, steering
+        #    rows near the end of their length towards an ending.
+        tokens = sample_next(logits, self._knobs, self._seen_or_none(), [s.generator for s in self.rows],
+                             self._end_ids, self._end_bias(self.rows, self._knobs))
         # 3. Record it, and decide which rows are done.
         outputs = [self._record(seq, tok) for seq, tok in zip(self.rows, tokens.tolist())]
         self._next = tokens
@@ -183,6 +186,24 @@ class Engine:
         if len(seq.generated) >= seq.params.length:
             seq.finish_reason = "length"
         return StepOutput(seq.seq_id, token, seq.finish_reason)
+
+    def _end_bias(self, seqs: list[Sequence], knobs: RowKnobs) -> torch.Tensor | None:
+        """(B,) the ending steer's bias per row (sampling.ending_bias), or None when no row gets one."""
+        if END_BOOST == 0 or not self._end_ids.numel():
+            return None
+        at_end = [self._at_sentence_end(seq) for seq in seqs]
+        if not any(at_end):
+            return None
+        device = self.lm.device
+        generated = torch.tensor([len(seq.generated) for seq in seqs], dtype=torch.long, device=device)
+        return ending_bias(generated, knobs.length, torch.tensor(at_end, device=device))  # (B,)
+
+    def _at_sentence_end(self, seq: Sequence) -> bool:
+        """Whether the row's own text (not its prompt) ends a sentence, whitespace after it allowed."""
+        for token in reversed(seq.generated):
+            if token not in self.lm.blank_ids:
+                return token in self.lm.sentence_end_ids
+        return False
 
     def _forward_decode(self) -> torch.Tensor:
         B = len(self.rows)
@@ -242,10 +263,12 @@ class Engine:
         seen = torch.zeros(G, self.lm.vocab_size, dtype=torch.bool, device=device)  # (G, V)
         for g, r in enumerate(rows):  # the whole row, cached prefix included, and never the padding
             seen[g, r] = True
+        seen[:, self._end_ids] = False  # the chat template's <|im_end|>: ending a story is no repetition
         knobs = RowKnobs.from_params([seq.params for seq in seqs], self.lm.vocab_size, device)
         penalise = any(seq.params.repetition_penalty != 1 for seq in seqs)
         logits = out.logits[:, -1, :].float()  # (G, V), in fp32 whatever the model's dtype
-        tokens = sample_next(logits, knobs, seen if penalise else None, [s.generator for s in seqs])
+        tokens = sample_next(logits, knobs, seen if penalise else None, [s.generator for s in seqs],
+                             self._end_ids, self._end_bias(seqs, knobs))
         outputs = [self._record(seq, tok) for seq, tok in zip(seqs, tokens.tolist())]
         seen[torch.arange(G, device=device), tokens] = True
         # 3. Rows that go on join the running batch; one that stopped at once never does.

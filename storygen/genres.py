@@ -28,6 +28,9 @@ class Genre:
     aliases: tuple[str, ...] = ()
     cues: tuple[str, ...] = ()  # word stems and phrases that suggest the genre (see detect_genre)
     seed: bool = False  # one of the six genres of the seeds' genre model
+    # The instruct format's framing (storygen/prompts.py): what happens in such a story, and its tone.
+    plot: str = ""  # completes "In a {label} story, ..."
+    tone: str = ""  # completes "The tone is ..."
 
 
 GENRES: tuple[Genre, ...] = (
@@ -39,6 +42,9 @@ GENRES: tuple[Genre, ...] = (
               "masked", "cape", "secret identity", "spider", "batman", "superman", "avenger", "justice league",
               "comic", "sidekick", "nemesis", "crime-fighting", "crime fighting", "x-men", "hulk", "iron man"),
         seed=True,
+        plot=("someone with extraordinary powers fights a villain who "
+              "threatens the city, and pays a price for being a hero"),
+        tone="bold and fast, with high stakes",
     ),
     Genre(
         "sci_fi", "science fiction", "Spaceships, strange futures and the science that changes everything.",
@@ -49,6 +55,9 @@ GENRES: tuple[Genre, ...] = (
               "experiment", "clone", "artificial intelligence", "virus", "mars", "moon", "earth", "nasa",
               "dimension", "teleport", "spacecraft", "colony", "extraterrestrial", "invasion", "dystopia"),
         seed=True,
+        plot=("a discovery, a machine or a journey into space or time changes the world, "
+              "and the characters must live with what science made possible"),
+        tone="full of wonder and ideas",
     ),
     Genre(
         "horror", "horror", "Dread, the uncanny, and things that should have stayed buried.",
@@ -58,6 +67,9 @@ GENRES: tuple[Genre, ...] = (
               "scream", "curse", "creature", "evil", "undead", "graveyard", "cemetery", "corpse", "exorcis",
               "witch", "supernatural", "nightmare", "slasher", "terrif", "occult", "satan", "ritual", "shadow"),
         seed=True,
+        plot=("something uncanny and deadly closes in, a presence, a curse or a "
+              "monster, and the characters fight to survive it"),
+        tone="dark and full of creeping dread",
     ),
     Genre(
         "action", "action", "Chases, fights and heroes with no time to lose.",
@@ -68,6 +80,8 @@ GENRES: tuple[Genre, ...] = (
               "terrorist", "assassin", "henchmen", "smuggl", "heist", "police", "cop", "sword", "tournament",
               "don", "mafia", "drug", "weapon", "attack", "kill", "boss"),
         seed=True,
+        plot="the hero races against time through chases, fights and explosions to stop an enemy or rescue someone",
+        tone="fast, loud and physical",
     ),
     Genre(
         "thriller", "thriller", "Conspiracies, suspects and a clock that will not stop.",
@@ -77,6 +91,9 @@ GENRES: tuple[Genre, ...] = (
               "blackmail", "suspect", "ransom", "escape", "hitman", "paranoi", "obsess", "abduct", "witness",
               "threat", "trap", "fbi", "cia", "detective", "investigat", "murder", "victim", "disappear"),
         seed=True,
+        plot=("someone is hunted, framed or caught in a conspiracy, and clues, suspects "
+              "and a ticking clock drive them to a dangerous showdown"),
+        tone="tense and full of suspense",
     ),
     Genre(
         "drama", "drama", "People, families and the choices that define them.",
@@ -87,6 +104,8 @@ GENRES: tuple[Genre, ...] = (
               "career", "society", "parents", "grandmother", "grandfather", "wedding", "divorce", "widow",
               "farmer", "elder", "house", "hospital", "career", "dream"),
         seed=True,
+        plot="ordinary people face a hard choice about family, love or work, and the story turns on their feelings",
+        tone="quiet, emotional and honest",
     ),
     Genre(
         "fantasy", "fantasy", "Magic, quests and kingdoms that never were.",
@@ -95,6 +114,8 @@ GENRES: tuple[Genre, ...] = (
         cues=("magic", "wizard", "witch", "dragon", "castle", "kingdom", "spell", "elf", "elves", "dwarf", "fairy",
               "quest", "sorcer", "enchant", "prince", "princess", "king", "queen", "sword", "prophecy", "realm",
               "goblin", "unicorn", "potion", "mage", "throne", "legend", "myth", "god", "goddess"),
+        plot="magic, strange creatures and an old prophecy send the hero on a quest through a kingdom that never was",
+        tone="enchanted and epic",
     ),
     Genre(
         "romance", "romance", "Love found, lost and fought for.",
@@ -103,6 +124,8 @@ GENRES: tuple[Genre, ...] = (
         cues=("love", "romance", "romantic", "kiss", "heart", "boyfriend", "girlfriend", "date", "wedding",
               "crush", "lover", "fall in love", "falls in love", "fell in love", "sweetheart", "affair",
               "proposal", "propose", "marry", "engaged", "bride", "groom", "passion"),
+        plot="two people are drawn together, something keeps them apart, and they must risk their hearts",
+        tone="warm, tender and hopeful",
     ),
     Genre(
         "mystery", "mystery", "Clues, red herrings and a puzzle waiting to be solved.",
@@ -111,6 +134,9 @@ GENRES: tuple[Genre, ...] = (
         cues=("mystery", "mysterious", "detective", "clue", "solve", "sleuth", "alibi", "inspector", "whodunit",
               "locked room", "secret", "missing", "stolen", "puzzle", "riddle", "murder", "investigat", "case",
               "evidence", "private eye", "suspect"),
+        plot=("a puzzling crime or disappearance is solved by following clues and "
+              "questioning suspects, until the truth comes out"),
+        tone="curious and clever",
     ),
     Genre(
         "comedy", "comedy", "Misunderstandings, mayhem and everyone having a very bad day.",
@@ -119,6 +145,8 @@ GENRES: tuple[Genre, ...] = (
         cues=("funny", "comedy", "comic", "joke", "hilarious", "laugh", "silly", "prank", "clumsy", "awkward",
               "mishap", "chaos", "mayhem", "ridiculous", "goofy", "accidentally", "disguise", "goat", "llama",
               "duck", "penguin", "pizza", "talking", "wacky", "absurd", "misunderstanding", "mix-up"),
+        plot="a small mistake snowballs into ridiculous chaos, and everyone makes it worse before it all works out",
+        tone="light, silly and funny",
     ),
 )
 

@@ -21,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from storygen.config import StorygenConfig
+from storygen.endings import sentence_end_tokens
 from storygen.errors import ModelLoadError
 from storygen.onednn import can_pack, pack_linears
 from storygen.prompts import FormatSpec, control_ids, control_strings, read_metadata, resolve_format
@@ -45,6 +46,9 @@ class LoadedModel:
     dtype: torch.dtype
     stop_ids: frozenset[int]  # any control token ends a story: EOS, a new <BOS>, <|im_end|>…
     controls: tuple[str, ...]  # control-token texts, stripped from output
+    end_ids: frozenset[int] = frozenset()  # the format's own end-of-story tokens, which the ending steer raises
+    sentence_end_ids: frozenset[int] = frozenset()  # tokens that end a sentence ("." "!\"" "…")
+    blank_ids: frozenset[int] = frozenset()  # tokens that are only whitespace
 
     @property
     def vocab_size(self) -> int:
@@ -195,5 +199,18 @@ def load_model(config: StorygenConfig) -> LoadedModel:
     eos = model.generation_config.eos_token_id
     stops |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     logger.info("loaded %s (%s format) on %s as %s", model_id, spec.format, device, dtype)
+    sentence_ends, blanks = sentence_end_tokens(tokenizer)
     return LoadedModel(model, tokenizer, spec, model_id, device, dtype, frozenset(stops),
-                       tuple(control_strings(tokenizer)))
+                       tuple(control_strings(tokenizer)), _end_ids(tokenizer, spec, eos) & stops,
+                       sentence_ends, blanks)
+
+
+def _end_ids(tokenizer: PreTrainedTokenizerBase, spec: FormatSpec, eos: int | list[int] | None) -> frozenset[int]:
+    """The tokens a story of this format ends with: genre_tags' <EOS>, else the tokenizer's and model's EOS."""
+    if spec.format == "genre_tags":
+        end = tokenizer.convert_tokens_to_ids(spec.eos_token)
+        return frozenset([end] if isinstance(end, int) and end != tokenizer.unk_token_id else [])
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)

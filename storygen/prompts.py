@@ -3,7 +3,8 @@
 - `genre_tags`: `<BOS> <genre> opening…`, the model writes until `<EOS>`. The seeds'
   pranavpsv/gpt2-genre-story-generator and every model made by `training/`.
 - `instruct`: the model's chat template, asked to continue the opening as a story in
-  the genre; the assistant turn is pre-filled with the opening so it carries on from it.
+  the genre (its description, plot and tone from storygen.genres, a length in words, an
+  ending); the assistant turn is pre-filled with the opening so it carries on from it.
 - `plain`: a base LM; the genre is a one-line text preamble.
 
 Whatever the format, the user's opening is encoded so that it can never become a
@@ -172,22 +173,48 @@ def encode_template_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def build_prompt(spec: FormatSpec, tokenizer: PreTrainedTokenizerBase, genre: Genre, opening: str) -> list[int]:
-    """Token ids for the model: the format's framing, then the user's opening, safely encoded."""
+# Words per token of English prose for the BPE tokenizers we serve (SmolLM2's: 1.34 tokens a word on
+# the dev plots), less a margin, so that a story asked for "about N words" can end within its tokens.
+WORDS_PER_TOKEN = 0.6
+
+
+def to_word_budget(length: int) -> int:
+    """The story length to ask an instruct model for, in words, for a budget of `length` new tokens."""
+    return max(10, int(round(length * WORDS_PER_TOKEN, -1)))
+
+
+def instruct_messages(genre: Genre, length: int) -> list[dict[str, str]]:
+    """The chat an instruct model is given: the genre's framing from the registry, then the length.
+
+    What happens in such a story and its tone (storygen.genres) steer the model into the genre far
+    more than its name alone; the length and the ask for an ending let it finish within its budget.
+    The length comes last, so prompts of one genre share everything before it.
+    """
+    ask = (f"Write a {genre.label} story. {genre.description} In a {genre.label} story, {genre.plot}. "
+           f"The tone is {genre.tone}. Carry on from the opening you are given, "
+           f"in about {to_word_budget(length)} words, and give the story an ending.")
+    return [
+        {"role": "system", "content": "You are a storyteller who writes short, complete stories."},
+        {"role": "user", "content": ask},
+    ]
+
+
+def build_prompt(spec: FormatSpec, tokenizer: PreTrainedTokenizerBase, genre: Genre, opening: str,
+                 length: int = 200) -> list[int]:
+    """Token ids for the model: the format's framing, then the user's opening, safely encoded.
+
+    `length` is the story's budget in new tokens; the instruct format tells the model about it.
+    """
     spec.check_genre(genre)
     if spec.format == "genre_tags":
         # As in training: "<BOS> <genre> opening"; the space before the opening belongs to its first word.
         head = f"{spec.bos_token} {spec.genre_token.format(genre=genre.name)}"
         return encode_template_text(tokenizer, head) + encode_user_text(tokenizer, " " + opening)
     if spec.format == "instruct":
-        # Kept short on purpose: every prompt token is prefill work, which batching does not
-        # amortise on a CPU. The assistant turn is pre-filled with the opening, so the model
-        # carries on from it rather than describing it.
-        messages = [
-            {"role": "system", "content": "You are a storyteller."},
-            {"role": "user", "content": f"Write a short {genre.label} story."},
-        ]
-        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # The assistant turn is pre-filled with the opening, so the model carries on from it
+        # rather than describing it.
+        rendered = tokenizer.apply_chat_template(instruct_messages(genre, length), tokenize=False,
+                                                 add_generation_prompt=True)
         return encode_template_text(tokenizer, rendered) + encode_user_text(tokenizer, opening)
     preamble = f"A {genre.label} story. {genre.description}\n\n"
     return encode_template_text(tokenizer, preamble) + encode_user_text(tokenizer, opening)

@@ -113,6 +113,28 @@ def parse_setting(name: str, raw: str) -> int | float | bool:
         raise SettingRangeError(name, raw, f"{kind}, {allowed_range(name, SamplingLimits())}") from None
 
 
+# Steering towards an ending. Over the last END_WINDOW share of a row's length (at least
+# END_WINDOW_MIN tokens), whenever the row's own text stands at the end of a sentence, its
+# end-of-story logits are raised by a bias that grows linearly to END_BOOST at the last token.
+# The model may still go on, but it becomes ever likelier to end where a sentence ends than to be
+# cut off mid-story by the length. END_BOOST = 0 turns steering off.
+END_WINDOW = 0.25  # share of the length; (0, 1]
+END_WINDOW_MIN = 16  # tokens
+END_BOOST = 8.0  # logits (nats); at 8 an end token 1/1000 as likely as the top one becomes about 3x likelier
+
+
+def ending_bias(generated: torch.Tensor, length: torch.Tensor, at_sentence_end: torch.Tensor) -> torch.Tensor:
+    """(B,) logit bias for each row's end-of-story tokens at this step.
+
+    generated: (B,) long, tokens each row has written so far (the one sampled now is the next);
+    length: (B,) long, each row's budget; at_sentence_end: (B,) bool, its text ends a sentence now.
+    """
+    length = length.float()
+    window = (length * END_WINDOW).clamp(min=END_WINDOW_MIN)  # (B,)
+    progress = ((generated.float() + 1 - (length - window)) / window).clamp(0, 1)  # (B,) 1 at the last token
+    return END_BOOST * progress * at_sentence_end.float()
+
+
 @dataclass
 class RowKnobs:
     """Per-row sampling settings of a batch, as (B,) tensors for `sample_next`."""
@@ -122,6 +144,7 @@ class RowKnobs:
     top_p: torch.Tensor  # (B,) float
     penalty: torch.Tensor  # (B,) float
     greedy: torch.Tensor  # (B,) bool
+    length: torch.Tensor  # (B,) long; the row's budget of new tokens, for ending_bias
 
     @classmethod
     def from_params(cls, params: list[SamplingParams], vocab: int, device: torch.device) -> RowKnobs:
@@ -134,6 +157,7 @@ class RowKnobs:
             top_p=col([p.top_p for p in params], torch.float32),
             penalty=col([p.repetition_penalty for p in params], torch.float32),
             greedy=col([p.is_greedy for p in params], torch.bool),
+            length=col([p.length for p in params], torch.long),
         )
 
 
@@ -142,12 +166,16 @@ def sample_next(
     knobs: RowKnobs,
     seen: torch.Tensor | None,
     generators: list[torch.Generator],
+    end_ids: torch.Tensor | None = None,
+    end_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pick one next token per row, each row with its own settings and random stream.
 
     logits: (B, vocab) for the last position; seen: (B, vocab) bool, tokens already in
     each row (prompt included, as `generate` does), or None when no row penalises.
-    Returns (B,) token ids. The order of the steps is the order `generate` uses.
+    end_ids: (E,) long, the end-of-story tokens; end_bias: (B,) float, added to their logits
+    (see ending_bias), or None. Returns (B,) token ids. The order of the steps is the order
+    `generate` uses, with the ending steer after the penalty.
     """
     logits = logits.float()  # (B, V); sampling in fp32 even when the model runs in half precision
     B, V = logits.shape
@@ -156,6 +184,9 @@ def sample_next(
         penalty = knobs.penalty[:, None]  # (B, 1)
         penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
         logits = torch.where(seen, penalised, logits)
+    # 1b. Steer towards an ending: each row's end-of-story logits rise by its own bias.
+    if end_bias is not None and end_ids is not None and end_ids.numel():
+        logits = logits.index_add(1, end_ids, end_bias[:, None].expand(B, end_ids.numel()))  # (B, V)
     # 2. Greedy rows are done: the likeliest token.
     greedy_ids = logits.argmax(dim=-1)  # (B,)
     if bool(knobs.greedy.all()):

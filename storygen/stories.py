@@ -86,7 +86,7 @@ def prepare(request: StoryRequest, lm: LoadedModel, config: StorygenConfig) -> P
         notices.append(f"⚠️ prompt trimmed to {config.max_prompt_chars} characters")
     if detected:
         notices.append(detected)
-    prompt_ids = build_prompt(lm.spec, lm.tokenizer, genre, opening)
+    prompt_ids = build_prompt(lm.spec, lm.tokenizer, genre, opening, request.params.length)
     room = lm.max_positions - len(prompt_ids)
     if request.params.length > room:
         raise SettingRangeError("length", request.params.length, f"1 to {max(room, 0)} tokens with this opening "

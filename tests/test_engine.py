@@ -1,9 +1,10 @@
 import pytest
+import torch
 
 from storygen.engine import Engine, Sequence
 from storygen.genres import get_genre
 from storygen.prompts import build_prompt
-from storygen.sampling import SamplingParams
+from storygen.sampling import END_WINDOW, END_WINDOW_MIN, SamplingParams
 from storygen.stories import StoryRequest, generate_story, prepare
 from tests.conftest import tiny_config
 
@@ -186,3 +187,33 @@ def test_in_place_cache_matches_transformers_cache(tiny_lms):
         results.append([s.generated for s in seqs])
     assert results[0] == results[1]
     assert max(len(g) for g in results[0]) > 64  # the in-place buffers grew past their first spare room
+
+
+@pytest.mark.parametrize(("kind", "ends"), [("sentence end", "stop"), ("word", "length")])
+def test_steer_ends_a_story_at_a_sentence_end_near_its_length(tiny_lms, kind, ends):
+    lm = tiny_lms["instruct"]
+    [end] = lm.end_ids
+    ordinary = set(range(lm.vocab_size)) - lm.sentence_end_ids - lm.blank_ids - lm.stop_ids
+    token = min(lm.sentence_end_ids) if kind == "sentence end" else min(ordinary)
+    # Every step the model wants `token`, with its end-of-story token 3 logits below: left alone it
+    # never ends; steered, it ends once the bias passes 3, if its text stands at a sentence end.
+    def script(module, inputs, logits):
+        logits = torch.full_like(logits, -30.0)
+        logits[..., token], logits[..., end] = 0.0, -3.0
+        return logits
+
+    hook = lm.model.get_output_embeddings().register_forward_hook(script)
+    try:
+        seq = Sequence("s", _prompts(lm)[0], SamplingParams(length=40, greedy=True))
+        engine = Engine(lm, 1)
+        engine.start(seq)
+        while not seq.done:
+            engine.step()
+    finally:
+        hook.remove()
+    assert seq.finish_reason == ends
+    window = max(END_WINDOW_MIN, 40 * END_WINDOW)
+    if ends == "stop":  # inside the window, once 8 * progress > 3
+        assert 40 - window < len(seq.generated) < 40
+    else:
+        assert len(seq.generated) == 40

@@ -2,8 +2,8 @@ import pytest
 
 from storygen.engine import Engine
 from storygen.errors import EmptyPromptError, ModelLoadError, UnknownGenreError
-from storygen.genres import get_genre
-from storygen.prompts import build_prompt, control_ids, encode_user_text, resolve_format, to_opening
+from storygen.genres import GENRES, get_genre
+from storygen.prompts import build_prompt, control_ids, encode_user_text, resolve_format, to_opening, to_word_budget
 from storygen.sampling import SamplingParams
 from storygen.stories import StoryRequest, generate_story, prepare
 from tests.conftest import tiny_config
@@ -26,6 +26,29 @@ def test_formats_frame_the_opening(tiny_lms):
     plain = tiny_lms["plain"]
     assert plain.tokenizer.decode(build_prompt(plain.spec, plain.tokenizer, sci_fi, "Hi")).startswith("A science fiction story.")
 
+
+
+@pytest.mark.parametrize("name", [g.name for g in GENRES])
+def test_instruct_framing_tells_the_genre_the_length_and_to_end(tiny_lms, name):
+    lm, genre = tiny_lms["instruct"], get_genre(name)
+    assert genre.plot and genre.tone  # every genre an instruct model may be asked for has its framing
+    text = lm.tokenizer.decode(build_prompt(lm.spec, lm.tokenizer, genre, "Hi", length=200))
+    for part in (f"Write a {genre.label} story.", genre.description, genre.plot, genre.tone,
+                 "about 120 words", "give the story an ending"):
+        assert part in text
+
+
+def test_instruct_prompts_of_one_genre_differ_only_from_the_length_on(tiny_lms):
+    lm, genre = tiny_lms["instruct"], get_genre("horror")
+    short, long = (lm.tokenizer.decode(build_prompt(lm.spec, lm.tokenizer, genre, "Hi", length=n)) for n in (50, 400))
+    assert "about 30 words" in short and "about 240 words" in long
+    shared = len(short.split("about 30 words")[0])
+    assert short[:shared] == long[:shared] and shared > len(short) // 2
+
+
+@pytest.mark.parametrize(("length", "words"), [(1, 10), (16, 10), (200, 120), (400, 240)])
+def test_word_budget(length, words):
+    assert to_word_budget(length) == words
 
 def test_user_text_never_becomes_a_control_token(tiny_lms, fmt):
     lm = tiny_lms[fmt]

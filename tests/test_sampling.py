@@ -2,7 +2,9 @@ import pytest
 import torch
 
 from storygen.errors import SettingRangeError, UnknownSettingError
-from storygen.sampling import RowKnobs, SamplingLimits, SamplingParams, parse_setting, sample_next, validate
+from storygen.sampling import (
+    END_BOOST, RowKnobs, SamplingLimits, SamplingParams, ending_bias, parse_setting, sample_next, validate,
+)
 
 LIMITS = SamplingLimits()
 
@@ -106,3 +108,25 @@ def test_a_row_draws_the_same_whatever_its_neighbours_top_k():
         gens = _gens(2, seed=3)
         picks.append([int(sample_next(logits, knobs, None, gens)[0]) for _ in range(30)])
     assert picks[0] == picks[1] == picks[2]
+
+
+def test_ending_bias_grows_over_the_last_tokens_and_only_at_a_sentence_end():
+    # Two rows of length 100 (window 25 tokens) and one of 20 (window END_WINDOW_MIN = 16).
+    length = torch.tensor([100, 100, 20])
+    at_end = torch.tensor([True, False, True])
+    before = ending_bias(torch.tensor([60, 60, 2]), length, at_end)
+    assert before.tolist() == [0.0, 0.0, 0.0]  # 60 of 100 and 2 of 20: not in the window yet
+    last = ending_bias(torch.tensor([99, 99, 19]), length, at_end)
+    assert last.tolist() == [END_BOOST, 0.0, END_BOOST]  # the last token: the whole boost, at a sentence end only
+    middle = ending_bias(torch.tensor([87, 87, 11]), length, at_end)
+    assert 0 < middle[0] < END_BOOST and middle[1] == 0 and 0 < middle[2] < END_BOOST
+
+
+def test_end_bias_raises_only_its_own_rows_end_tokens():
+    logits = torch.zeros(2, 50)
+    logits[:, 7] = 3.0  # the likeliest token; the end token 0 is 3 logits below it
+    knobs = _knobs(SamplingParams(greedy=True), SamplingParams(greedy=True))
+    ends = torch.tensor([0])
+    picks = sample_next(logits, knobs, None, _gens(2), ends, torch.tensor([4.0, 0.0]))
+    assert picks.tolist() == [0, 7]
+    assert sample_next(logits, knobs, None, _gens(2), ends, None).tolist() == [7, 7]

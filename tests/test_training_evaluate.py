@@ -11,7 +11,8 @@ from tests.training_fixtures import prepared, tiny_base, trained_run  # noqa: F4
 from training.__main__ import main as cli
 from training.errors import ModelLoadError
 from training.evaluate import main
-from training.metrics import GenreClassifier, distinct_n, repetition_rate
+from training.classifier import GenreClassifier
+from training.metrics import distinct_n, repetition_rate
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -41,7 +42,9 @@ def test_report_fields(report_dir: Path, prepared: Path) -> None:  # noqa: F811
     assert "real_within_cap" in report["eos_share"]
     control = report["genre_control"]
     assert set(control) == {"real", "fine_tuned", "base"}
-    assert control["real"]["accuracy"] > 0.5  # the generated genres are easy to tell apart
+    assert control["real"]["balanced_accuracy"] > 0.5  # the generated genres are easy to tell apart
+    validation_genres = [json.loads(line)["genre"] for line in validation]
+    assert sum(map(sum, control["real"]["confusion"])) == len(validation_genres)  # scored on unseen stories
     assert len(control["fine_tuned"]["confusion"]) == len(control["fine_tuned"]["labels"])
     assert sum(map(sum, control["fine_tuned"]["confusion"])) == 3 * len(genres)
     assert report["plots"] == {"loss_curve": "loss_curve.png", "confusion_matrix": "confusion_matrix.png"}
@@ -52,7 +55,7 @@ def test_report_files(report_dir: Path) -> None:
         assert (report_dir / name).read_bytes()[:8] == PNG_MAGIC
     markdown = (report_dir / "report.md").read_text()
     assert "| measure | base | fine-tuned | real stories |" in markdown
-    for row in ("perplexity, horror", "genre-control accuracy", "distinct-2", "end with EOS", "length in words"):
+    for row in ("perplexity, horror", "genre-control balanced accuracy", "distinct-2", "end with EOS", "length in words"):
         assert row in markdown
     assert "## action (seed 1234" in (report_dir / "samples.md").read_text()
 
@@ -77,9 +80,14 @@ def test_repetition_rate(texts: list[str], expected: float) -> None:
 
 
 def test_classifier_scores_real_texts() -> None:
-    texts = ["ghost blood grave", "ghost scream cellar", "robot planet laser", "android orbit robot"]
+    texts = ["A ghost haunts the cellar of the old house.", "The corpse in the grave opened its eyes and screamed.",
+             "The starship left orbit for a distant planet.", "An android repaired the laser on the space station."]
     classifier = GenreClassifier.fit(texts, ["horror", "horror", "sci_fi", "sci_fi"])
-    score = classifier.score(["the ghost in the cellar", "a robot on a planet"], ["horror", "sci_fi"])
-    assert score["accuracy"] == 1.0
-    assert score["confusion"] == [[1, 0], [0, 1]]
-    assert GenreClassifier.fit(texts[:2], ["horror", "horror"]) is None
+    score = classifier.score(["Something dead crawled out of the cemetery at night.",
+                              "The astronauts landed their rocket on Mars.", "A vampire drank the blood."],
+                             ["horror", "sci_fi", "sci_fi"])
+    assert score["per_genre"] == {"horror": 1.0, "sci_fi": 0.5}
+    assert score["accuracy"] == pytest.approx(2 / 3)
+    assert score["balanced_accuracy"] == pytest.approx(0.75)
+    assert score["confusion"] == [[1, 0], [1, 1]]
+    assert GenreClassifier.fit(texts[:2], ["horror", "horror"], classifier.embedder) is None

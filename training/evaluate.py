@@ -18,7 +18,8 @@ from transformers import HfArgumentParser, PreTrainedModel, PreTrainedTokenizerB
 from training.errors import ModelLoadError
 from training.export import TRAINING_LOG_FILE, read_metadata
 from training.genres import genre_words
-from training.metrics import GenreClassifier, distinct_n, length_summary, perplexity_by_genre, repetition_rate
+from training.classifier import GenreClassifier
+from training.metrics import distinct_n, length_summary, perplexity_by_genre, repetition_rate
 from training.modeling import load_model
 from training.plots import confusion_matrices, loss_curve
 from training.prepare import load_split
@@ -70,7 +71,7 @@ def evaluate(args: EvaluateArguments) -> dict:
     tuned_samples = genre_samples(tuned, tuned_tok, genres, args.samples_per_genre, args.max_new_tokens, args.seed)
     base_samples = _base_samples(base, base_tok, genres, args)
     real = _real_reference(train, genres, args.samples_per_genre, args.seed)
-    report.update(_text_measures(tuned_samples, base_samples, real, validation, args, tuned_tok))
+    report.update(_text_measures(tuned_samples, base_samples, real, train, validation, args, tuned_tok))
     _write(out, report, tuned_samples, base_samples, args.model)
     return report
 
@@ -123,10 +124,13 @@ def _real_reference(train: list[dict], genres: list[str], per_genre: int, seed: 
 
 
 def _text_measures(
-    tuned_samples: list[Sample], base_samples: list[Sample], real: list[dict], validation: list[dict],
-    args: EvaluateArguments, tokenizer: PreTrainedTokenizerBase,
+    tuned_samples: list[Sample], base_samples: list[Sample], real: list[dict], train: list[dict],
+    validation: list[dict], args: EvaluateArguments, tokenizer: PreTrainedTokenizerBase,
 ) -> dict:
-    classifier = GenreClassifier.fit([r["text"] for r in validation], [r["genre"] for r in validation])
+    # The genre judge (training/classifier.py, as benchmarks/quality_bench.py uses it) learns from the
+    # real training stories; real validation stories, which it has not seen, give the ceiling to compare with.
+    train = [r for r in train if r["genre"] in set(s.genre for s in tuned_samples)]
+    classifier = GenreClassifier.fit([r["text"] for r in train], [r["genre"] for r in train])
     groups = {"base": [s.text for s in base_samples], "fine_tuned": [s.text for s in tuned_samples]}
     # Real stories cut to the generated length, so that distinct-n (which falls with length) compares.
     cap_words = int(length_summary(groups["fine_tuned"])["median"]) or 1
@@ -144,7 +148,7 @@ def _text_measures(
     }
     if classifier is not None:
         measures["genre_control"] = {
-            "real": classifier.score([r["text"] for r in real], [r["genre"] for r in real]),
+            "real": classifier.score([r["text"] for r in validation], [r["genre"] for r in validation]),
             "fine_tuned": classifier.score(groups["fine_tuned"], [s.genre for s in tuned_samples]),
             "base": classifier.score(groups["base"], [s.genre for s in base_samples]),
         }

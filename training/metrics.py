@@ -1,11 +1,10 @@
-"""Measures for evaluate: perplexity per genre, genre-control accuracy, distinct-n, repetition."""
+"""Measures for evaluate: perplexity per genre, distinct-n, repetition (genre control: classifier.py)."""
 
 from __future__ import annotations
 
 import logging
 import math
-from collections import Counter, defaultdict
-from dataclasses import dataclass
+from collections import defaultdict
 
 import numpy as np
 import torch
@@ -54,12 +53,18 @@ def distinct_n(texts: list[str], n: int) -> float:
 
 def repetition_rate(texts: list[str], n: int = 4) -> float:
     """Mean share of a text's word n-grams that already occurred earlier in the same text."""
+    rates = repetition_rates(texts, n)
+    return float(np.mean(rates)) if rates else 0.0
+
+
+def repetition_rates(texts: list[str], n: int = 4) -> list[float]:
+    """Per text (those with at least one n-gram): the share of its word n-grams seen earlier in it."""
     rates = []
     for text in texts:
         grams = _ngrams(text.lower().split(), n)
         if grams:
             rates.append(1 - len(set(grams)) / len(grams))
-    return float(np.mean(rates)) if rates else 0.0
+    return rates
 
 
 def _ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
@@ -71,46 +76,3 @@ def length_summary(texts: list[str]) -> dict[str, float]:
     if not words:
         return {"mean": 0.0, "median": 0.0}
     return {"mean": float(np.mean(words)), "median": float(np.median(words))}
-
-
-@dataclass(frozen=True)
-class GenreClassifier:
-    """TF-IDF + logistic regression, trained on real validation stories, to judge genre control."""
-
-    pipeline: object
-    labels: list[str]
-
-    @classmethod
-    def fit(cls, texts: list[str], genres: list[str]) -> GenreClassifier | None:
-        from sklearn.feature_extraction.text import TfidfVectorizer
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import make_pipeline
-
-        if len(set(genres)) < 2:
-            logger.warning("the validation split has fewer than two genres; genre control is not measured")
-            return None
-        pipeline = make_pipeline(
-            TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1),
-            LogisticRegression(max_iter=2000, class_weight="balanced"),
-        )
-        pipeline.fit(texts, genres)
-        return cls(pipeline, sorted(set(genres)))
-
-    def score(self, texts: list[str], genres: list[str]) -> dict:
-        """Accuracy, per-genre accuracy and the confusion matrix (rows: intended, columns: predicted)."""
-        from sklearn.metrics import confusion_matrix
-
-        if not texts:
-            return {"accuracy": None, "per_genre": {}, "confusion": [], "labels": self.labels}
-        predicted = list(self.pipeline.predict(texts))
-        labels = sorted(set(self.labels) | set(genres))
-        per_genre = {}
-        for genre, total in Counter(genres).items():
-            hits = sum(p == g for p, g in zip(predicted, genres) if g == genre)
-            per_genre[genre] = hits / total
-        return {
-            "accuracy": float(np.mean([p == g for p, g in zip(predicted, genres)])),
-            "per_genre": dict(sorted(per_genre.items())),
-            "confusion": confusion_matrix(genres, predicted, labels=labels).tolist(),
-            "labels": labels,
-        }
