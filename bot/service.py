@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass, replace
 
 from bot import messages
-from bot.commands import SettingsCommand, StoryCommand
+from bot.commands import AdminCommand, Command, SettingsCommand, StoryCommand
 from bot.state import BotState, ServerSettings, StoredStory
 from storygen.config import StorygenConfig
 from storygen.errors import SettingRangeError, StorygenError, failure_reference
@@ -206,6 +206,19 @@ class StoryService:
             self.state.save_server(ctx.server_key, server)
         head = messages.ADMIN_SAVED if changes else messages.ADMIN_SHOW
         return "\n".join([head, *describe_server(server, self.config.limits)])
+
+    def answer(self, ctx: ChatContext, command: Command) -> str:
+        """A command that is not a story, answered in one message (Slack's wording, which the playground shares)."""
+        if isinstance(command, SettingsCommand):
+            return self.user_settings(ctx, command)
+        if isinstance(command, AdminCommand):
+            return self.admin(ctx, **command.changes(self.state.server(ctx.server_key)))
+        return {
+            "help": lambda: messages.HELP,
+            "genres": messages.genres_text,
+            "queue": lambda: self.queue(ctx),
+            "cancel": lambda: self.cancel(ctx),
+        }[command.name]()
 
     # --- server rules ----------------------------------------------------------------------------
 

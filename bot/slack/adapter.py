@@ -32,7 +32,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (AsyncConnectionErrorRet
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import messages
-from bot.commands import (AdminCommand, Command, SettingsCommand, SimpleCommand, StoryCommand,
+from bot.commands import (AdminCommand, Command, SimpleCommand, StoryCommand,
                           parse_command_text, parse_settings_words)
 from bot.config import BotConfig
 from bot.service import ChatContext, Started, StoryService, user_message
@@ -233,7 +233,7 @@ class SlackFrontEnd:
             if isinstance(command, AdminCommand):
                 ctx = replace(ctx, is_admin=await self._is_admin(client, ctx.user))
             started = await self._start(ctx, command)
-            reply = queued_line(started) if started else self._answer(ctx, command)
+            reply = queued_line(started) if started else self.service.answer(ctx, command)
         except Exception as error:
             reply = user_message(error, f"for {_user_key(body)}")
         await ack(link_channels(escape(reply)))
@@ -256,19 +256,6 @@ class SlackFrontEnd:
                            error.response.get("error"))
             return False
         return bool(info.get("is_admin") or info.get("is_owner") or info.get("is_primary_owner"))
-
-    def _answer(self, ctx: ChatContext, command: Command) -> str:
-        """Everything that is not a story is answered in the ack."""
-        if isinstance(command, SettingsCommand):
-            return self.service.user_settings(ctx, command)
-        if isinstance(command, AdminCommand):
-            return self.service.admin(ctx, **command.changes(self.service.state.server(ctx.server_key)))
-        return {
-            "help": lambda: messages.HELP,
-            "genres": messages.genres_text,
-            "queue": lambda: self.service.queue(ctx),
-            "cancel": lambda: self.service.cancel(ctx),
-        }[command.name]()
 
     async def on_action(self, ack: Any, body: dict[str, Any], client: AsyncWebClient, respond: Any) -> None:
         await ack()

@@ -18,8 +18,7 @@ from pathlib import Path
 from fastapi import APIRouter, Depends
 from starlette.responses import FileResponse, JSONResponse, StreamingResponse
 
-from bot import messages
-from bot.commands import AdminCommand, Command, SettingsCommand, SimpleCommand, StoryCommand, parse_command_text
+from bot.commands import SimpleCommand, StoryCommand, parse_command_text
 from bot.service import ChatContext, Started, StoryService
 from bot.web.context import WebContext, playground_caller, web_context
 from bot.web.errors import error_response
@@ -51,20 +50,6 @@ def _command_text(text: str) -> tuple[str, str]:
     return "/story", stripped
 
 
-def _answer(service: StoryService, ctx: ChatContext, command: Command) -> str:
-    """Everything that is not a story, as Slack answers it."""
-    if isinstance(command, SettingsCommand):
-        return service.user_settings(ctx, command)
-    if isinstance(command, AdminCommand):
-        return service.admin(ctx, **command.changes(service.state.server(ctx.server_key)))
-    return {
-        "help": lambda: messages.HELP,
-        "genres": messages.genres_text,
-        "queue": lambda: service.queue(ctx),
-        "cancel": lambda: service.cancel(ctx),
-    }[command.name]()
-
-
 @router.post("/v1/commands", summary="A chat command as typed, or a story button")
 async def command(body: CommandBody, ctx: ChatContext = Depends(playground_caller),
                   web: WebContext = Depends(web_context)):
@@ -92,7 +77,7 @@ async def command(body: CommandBody, ctx: ChatContext = Depends(playground_calle
         elif parsed == SimpleCommand("continue"):
             started = await service.continue_last(ctx)
         else:
-            return JSONResponse({"reply": _answer(service, ctx, parsed)})
+            return JSONResponse({"reply": service.answer(ctx, parsed)})
     return StreamingResponse(_events(service, ctx, started, web), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
 
