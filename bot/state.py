@@ -55,16 +55,22 @@ class InFlight:
     text: str  # what they showed last
 
 
+def open_db(path: Path | str) -> sqlite3.Connection:
+    """The bot's SQLite file, as every store in it opens it: autocommit, WAL, shared across threads."""
+    if str(path) != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    # Durable across a crash of the process (not a power cut) without an fsync per write:
+    # streaming stories update their in-flight row about once a second each, on the event loop.
+    db.execute("PRAGMA synchronous=NORMAL")
+    return db
+
+
 class BotState:
     def __init__(self, path: Path | str) -> None:
-        if str(path) != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # Durable across a crash of the process (not a power cut) without an fsync per write:
-        # streaming stories update their in-flight row about once a second each, on the event loop.
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db = open_db(path)
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS stories (request_id TEXT PRIMARY KEY, user_key TEXT NOT NULL,"
             " channel_key TEXT NOT NULL, genre TEXT NOT NULL, prompt TEXT NOT NULL, overrides TEXT NOT NULL,"

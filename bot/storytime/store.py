@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import threading
 from pathlib import Path
 
+from bot.state import open_db
 from bot.storytime.session import Session
 
 logger = logging.getLogger(__name__)
@@ -20,12 +20,8 @@ logger = logging.getLogger(__name__)
 
 class SessionStore:
     def __init__(self, path: Path | str) -> None:
-        if str(path) != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # durable across a crash of the process, as bot/state.py
+        self._db = open_db(path)
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS storytime_sessions (session_id TEXT PRIMARY KEY, platform TEXT NOT NULL,"
             " server_key TEXT NOT NULL, channel TEXT NOT NULL, thread TEXT NOT NULL, status TEXT NOT NULL,"
