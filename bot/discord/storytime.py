@@ -161,16 +161,8 @@ class DiscordStorytime:
 
             session = await storytime.start(place, actor, command.start, open_thread)
             return messages.ST_STARTED_ACK_DISCORD.format(title=session.title, thread=session.thread)
-        if command.action == "add":
-            return await storytime.add(place, actor, command.text)
-        if command.action == "end":
-            return await storytime.end(place, actor, command.session_id or None)
-        if command.action in ("join", "leave", "undo"):
-            return await getattr(storytime, command.action)(place, actor)
-        if command.action == "status":
-            return storytime.status(place)
-        if command.action == "list":
-            return storytime.list(place, actor)
+        if (reply := await storytime.act(place, actor, command)) is not None:
+            return reply
         hint = messages.STORYTIME_REPLY_HINT if self.message_content else messages.DISCORD_STORYTIME_NO_REPLIES
         return messages.DISCORD_STORYTIME_HELP.format(reply_hint=hint)
 

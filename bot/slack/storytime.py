@@ -143,16 +143,8 @@ class SlackStorytime:
 
             session = await storytime.start(place, actor, command.start, open_thread)
             return messages.ST_STARTED_ACK.format(title=session.title)
-        if command.action == "add":
-            return await storytime.add(place, actor, command.text)
-        if command.action == "end":
-            return await storytime.end(place, actor, command.session_id or None)
-        if command.action in ("join", "leave", "undo"):
-            return await getattr(storytime, command.action)(place, actor)
-        if command.action == "status":
-            return storytime.status(place)
-        if command.action == "list":
-            return storytime.list(place, actor)
+        if (reply := await storytime.act(place, actor, command)) is not None:
+            return reply
         return messages.STORYTIME_HELP.format(reply_hint=messages.STORYTIME_REPLY_HINT)
 
     async def on_reply(self, event: dict[str, Any], body: dict[str, Any], client: AsyncWebClient) -> None:

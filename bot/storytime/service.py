@@ -25,6 +25,7 @@ from dataclasses import replace
 from bot import messages
 from bot.storytime import describe, rules, votes
 from bot.storytime.export import credits, filename, to_markdown
+from bot.storytime.grammar import StorytimeCommand
 from bot.storytime.limits import StorytimeLimits
 from bot.storytime.model_turns import model_request, write_line
 from bot.storytime.session import Actor, Place, Session, StartOptions, StorytimeError
@@ -143,6 +144,21 @@ class StorytimeService:
         return describe.listing(self.store.open_sessions(server_key=place.server_key))
 
     # --- restarts and timers --------------------------------------------------------------------
+
+    async def act(self, place: Place, actor: Actor, command: StorytimeCommand) -> str | None:
+        """The reply to the actions every front-end handles alike; None for `start` and `help`,
+        which each platform does its own way (where the session lives, what the help says)."""
+        if command.action == "add":
+            return await self.add(place, actor, command.text)
+        if command.action == "end":
+            return await self.end(place, actor, command.session_id or None)
+        if command.action in ("join", "leave", "undo"):
+            return await getattr(self, command.action)(place, actor)
+        if command.action == "status":
+            return self.status(place)
+        if command.action == "list":
+            return self.list(place, actor)
+        return None
 
     async def resume(self, platform: str) -> int:
         """After a restart: every open session carries on; a model turn cut off is run again once."""
