@@ -138,7 +138,7 @@ class EngineLoop:
         job.timings = {"queued_s": (job.first_token or now) - job.submitted, "total_s": now - job.submitted,
                        "ttft_s": (job.first_token or now) - job.submitted}
         service = now - (job.first_token or now)
-        self._service_s = 0.8 * self._service_s + 0.2 * max(service, 0.01)
+        self._observe_service(service)
         self.metrics.observe_latency(now - job.submitted, job.prepared.request.user_key)
         try:
             with self._tokenizer_lock:

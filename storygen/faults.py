@@ -34,9 +34,7 @@ class FaultHandling:
         logger.critical("the engine loop crashed; the worker is down", exc_info=error)
         with self._cond:
             self._state = "failed"
-            for key, job in list(self._jobs.items()):
-                admitted = self._queue.remove(key) is None
-                self._settle(job, None, WorkerUnavailableError(UNAVAILABLE["failed"]), "failed", admitted=admitted)
+            self._fail_all(WorkerUnavailableError(UNAVAILABLE["failed"]))
 
 
     def _fail(self, job: Job, error: BaseException) -> None:
