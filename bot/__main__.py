@@ -21,13 +21,11 @@ from bot.service import StoryService
 from bot.state import BotState
 from bot.storytime.service import StorytimeService
 from bot.storytime.store import SessionStore
-from storygen import model_thread
 from storygen.config import Env, StorygenConfig
 from storygen.errors import ConfigError, ModelLoadError
 from storygen.logs import quiet_libraries
-from storygen.model import load_model
 from storygen.settings import SettingsStore
-from storygen.worker import Worker
+from storygen.serving import open_worker
 
 logger = logging.getLogger("bot")
 
@@ -56,7 +54,7 @@ async def serve(config: BotConfig, storygen_config: StorygenConfig, stop: asynci
         web = WebFrontEnd(config)
         await web.start()
     try:
-        lm = await model_thread.run(load_model, storygen_config)  # on the thread that will decode: see model_thread
+        worker = await open_worker(storygen_config)
     except BaseException:
         if web is not None:
             web.failed()
@@ -64,7 +62,6 @@ async def serve(config: BotConfig, storygen_config: StorygenConfig, stop: asynci
         raise
     settings = SettingsStore(storygen_config.settings_db)
     state = BotState(storygen_config.settings_db)
-    worker = Worker(lm, storygen_config)
     await worker.start()
     service = StoryService(worker, settings, state, storygen_config)
     storytime = StorytimeService(worker, SessionStore(storygen_config.settings_db))  # group sessions, same DB

@@ -24,7 +24,8 @@ from storygen.prompts import to_opening
 from storygen.sampling import SamplingLimits
 from storygen.settings import SettingsStore
 from storygen.stories import Story, StoryRequest
-from storygen.worker import StoryHandle, Worker
+from storygen.handle import StoryHandle
+from storygen.queue_front import QueueFront
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def user_message(error: BaseException, log_context: str = "") -> str:
 
 
 class StoryService:
-    def __init__(self, worker: Worker, settings: SettingsStore, state: BotState, config: StorygenConfig) -> None:
+    def __init__(self, worker: QueueFront, settings: SettingsStore, state: BotState, config: StorygenConfig) -> None:
         self.worker = worker
         self.settings = settings
         self.state = state
@@ -108,6 +109,18 @@ class StoryService:
         self._last_start[ctx.user_key] = time.monotonic()
         logger.info("story %s started for %s in %s", request.request_id, ctx.user_key, ctx.channel_key)
         return Started(handle, request, shown, previous_text)
+
+    async def completion(self, ctx: ChatContext, prompt_ids: list[int], overrides: dict) -> Started:
+        """A completion of a prompt already encoded (token ids): no genre framing, the text comes back as written."""
+        config = self._config_for(self._check_server_rules(ctx))
+        params = self.settings.effective(ctx.user_key, overrides, config).params
+        request = StoryRequest(uuid.uuid4().hex[:12], ctx.user_key, "auto", "", params, prompt_ids=tuple(prompt_ids))
+        handle = await self.worker.submit(request)
+        self._by_id = {rid: h for rid, h in self._by_id.items() if not h.done()}
+        self._by_id[request.request_id] = handle
+        logger.info("completion %s started for %s (%s prompt tokens)", request.request_id, ctx.user_key,
+                    len(prompt_ids))
+        return Started(handle, request)
 
     async def continue_last(self, ctx: ChatContext) -> Started:
         last = self.state.last_story(ctx.user_key, ctx.channel_key)

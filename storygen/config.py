@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
@@ -25,6 +26,7 @@ FORMATS = ("auto", "genre_tags", "instruct", "plain")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ONEDNN_MODES = ("auto", "true", "false")
+BACKENDS = ("local", "openai")
 
 
 class Secret:
@@ -145,6 +147,13 @@ class StorygenConfig:
     max_per_user: int = 2
     deadline_s: float = 600.0
     settings_db: Path = Path("storygen.sqlite3")
+    # Where the tokens come from: this process's model ("local") or a pool of OpenAI-compatible servers.
+    backend: str = "local"
+    backend_urls: tuple[str, ...] = ()  # base URLs ending in /v1
+    backend_model: str = ""  # the servers' model name; "": the first each server lists
+    backend_api_key: Secret = field(default_factory=lambda: Secret(""))
+    backend_max_inflight: int = 64  # requests in flight per server
+    backend_timeout_s: float = 60.0  # connect, and silence on a stream, before a server is taken out
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> StorygenConfig:
@@ -184,7 +193,39 @@ class StorygenConfig:
             max_per_user=env.int("STORYGEN_MAX_PER_USER", 2, 1, 1000),
             deadline_s=env.float("STORYGEN_DEADLINE_S", 600.0, 1, 86_400),
             settings_db=env.path("STORYGEN_SETTINGS_DB", Path("storygen.sqlite3")),
+            **_backend_settings(env),
         )
+
+
+def _backend_settings(env: Env) -> dict:
+    backend = env.choice("STORYGEN_BACKEND", "local", BACKENDS)
+    urls = tuple(_backend_url(u) for u in (env.str("STORYGEN_BACKEND_URLS", "")).split(",") if u.strip())
+    if backend == "openai" and not urls:
+        raise ConfigError("STORYGEN_BACKEND=openai needs STORYGEN_BACKEND_URLS: comma-separated base URLs of "
+                          "OpenAI-compatible servers, e.g. http://gpu1:8000/v1,http://gpu2:8000/v1")
+    if len(set(urls)) < len(urls):
+        raise ConfigError(f"STORYGEN_BACKEND_URLS lists a server twice: {', '.join(urls)}")
+    return {
+        "backend": backend, "backend_urls": urls,
+        "backend_model": env.str("STORYGEN_BACKEND_MODEL", ""),
+        "backend_api_key": env.secret("STORYGEN_BACKEND_API_KEY"),
+        "backend_max_inflight": env.int("STORYGEN_BACKEND_MAX_INFLIGHT", 64, 1, 100_000),
+        "backend_timeout_s": env.float("STORYGEN_BACKEND_TIMEOUT_S", 60.0, 0.1, 3600),
+    }
+
+
+def _backend_url(raw: str) -> str:
+    """One server's base URL: http(s)://host[:port][/path], with /v1 added when there is no path."""
+    url = raw.strip().rstrip("/")
+    parts = urlsplit(url)
+    try:
+        port_ok = parts.port is None or 0 < parts.port < 65536
+    except ValueError:
+        port_ok = False
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok or parts.query or parts.fragment:
+        raise ConfigError(f"STORYGEN_BACKEND_URLS: {raw.strip()!r} is not a server's base URL; "
+                          "use http(s)://host:port/v1")
+    return url if parts.path else url + "/v1"
 
 
 def _onednn_mode(env: Env) -> str:

@@ -108,6 +108,14 @@ class WorkerUnavailableError(StorygenError):
         super().__init__(f"the story engine is {state}; try again shortly")
 
 
+class BackendsUnavailableError(WorkerUnavailableError):
+    """No remote generation server is answering (STORYGEN_BACKEND=openai)."""
+
+    def __init__(self, servers: int) -> None:
+        StorygenError.__init__(self, f"generation servers unavailable (none of {servers} answers); "
+                                     "try again shortly")
+
+
 class GenerationFailedError(StorygenError):
     """Generation failed inside the model; the message carries a reference for the logs."""
 

@@ -7,6 +7,15 @@
     storygen_ttft_seconds{frontend}          histogram: submit to first token
     storygen_latency_seconds{frontend}       histogram: submit to the finished story
 
+With remote generation servers (STORYGEN_BACKEND=openai), per server (`backend` is its base URL):
+
+    storygen_backend_up{backend}             gauge: 1 in rotation, 0 taken out
+    storygen_backend_inflight{backend}       gauge: requests streaming from it now
+    storygen_backend_requests_total{backend} counter: requests sent (a resumed story sends another)
+    storygen_backend_errors_total{backend,kind}  counter: refused, timeout, status, malformed, cut
+    storygen_backend_ttft_seconds{backend}   histogram: request to its first text
+    storygen_resumed_total                   counter: stories moved to another server mid-way
+
 `frontend` is the first part of the request's user key (discord, slack, api, storytime,
 cli). Each Metrics has its own registry, so several workers in one process (tests, the
 benchmark) don't collide; `bot.web` serves the running worker's with `to_prometheus()`.
@@ -62,6 +71,18 @@ class Metrics:
                                ("frontend",), buckets=LATENCY_BUCKETS_S, registry=self.registry)
         self._latency = Histogram(f"{prefix}_latency_seconds", "Seconds from submit to the finished story",
                                   ("frontend",), buckets=LATENCY_BUCKETS_S, registry=self.registry)
+        self._backend_up = Gauge(f"{prefix}_backend_up", "1 while a generation server is in rotation",
+                                 ("backend",), registry=self.registry)
+        self._backend_inflight = Gauge(f"{prefix}_backend_inflight", "Requests streaming from a server now",
+                                       ("backend",), registry=self.registry)
+        self._backend_requests = Counter(f"{prefix}_backend_requests", "Requests sent to a server",
+                                         ("backend",), registry=self.registry)
+        self._backend_errors = Counter(f"{prefix}_backend_errors", "Failures of a server, by kind",
+                                       ("backend", "kind"), registry=self.registry)
+        self._backend_ttft = Histogram(f"{prefix}_backend_ttft_seconds", "Seconds from request to a server's "
+                                       "first text", ("backend",), buckets=LATENCY_BUCKETS_S, registry=self.registry)
+        self._resumed = Counter(f"{prefix}_resumed", "Stories moved to another server mid-way",
+                                registry=self.registry)
         self._lock = threading.Lock()
         self._recent_ttft = _Recent()
         self._recent_latency = _Recent()
@@ -113,6 +134,22 @@ class Metrics:
         self._latency.labels(frontend_of(user_key)).observe(seconds)
         with self._lock:
             self._recent_latency.add(seconds)
+
+    def backend_state(self, backend: str, up: bool, inflight: int) -> None:
+        self._backend_up.labels(backend).set(1 if up else 0)
+        self._backend_inflight.labels(backend).set(inflight)
+
+    def backend_request(self, backend: str) -> None:
+        self._backend_requests.labels(backend).inc()
+
+    def backend_error(self, backend: str, kind: str) -> None:
+        self._backend_errors.labels(backend, kind).inc()
+
+    def backend_ttft(self, backend: str, seconds: float) -> None:
+        self._backend_ttft.labels(backend).observe(seconds)
+
+    def resumed(self) -> None:
+        self._resumed.inc()
 
     # --- reading ----------------------------------------------------------------------------------
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig,
+                          PreTrainedModel, PreTrainedTokenizerBase)
 
 from storygen.config import StorygenConfig
 from storygen.endings import sentence_end_tokens
@@ -38,7 +39,7 @@ DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 class LoadedModel:
     """A model ready to generate: weights, tokenizer, prompt format and stop tokens."""
 
-    model: PreTrainedModel
+    model: PreTrainedModel | None  # None: tokenizer only (load_tokenizer), the tokens come from elsewhere
     tokenizer: PreTrainedTokenizerBase
     spec: FormatSpec
     name: str
@@ -49,9 +50,12 @@ class LoadedModel:
     end_ids: frozenset[int] = frozenset()  # the format's own end-of-story tokens, which the ending steer raises
     sentence_end_ids: frozenset[int] = frozenset()  # tokens that end a sentence ("." "!\"" "…")
     blank_ids: frozenset[int] = frozenset()  # tokens that are only whitespace
+    model_config: PretrainedConfig | None = None
 
     @property
     def vocab_size(self) -> int:
+        if self.model is None:
+            return int(getattr(self.model_config, "vocab_size", None) or len(self.tokenizer))
         return int(self.model.get_output_embeddings().out_features)
 
     @property
@@ -61,7 +65,7 @@ class LoadedModel:
 
     @property
     def max_positions(self) -> int:
-        config = self.model.config
+        config = self.model.config if self.model is not None else self.model_config
         return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048))
 
 
@@ -193,16 +197,45 @@ def load_model(config: StorygenConfig) -> LoadedModel:
     model.to(device).eval()
     if can_pack(device, dtype, config.onednn):
         logger.info("packed %s linear layers for oneDNN", pack_linears(model))
+    lm = _assemble(config, source, model_id, local, tokenizer, model, model.config,
+                   model.generation_config.eos_token_id, device, dtype)
+    logger.info("loaded %s (%s format) on %s as %s", model_id, lm.spec.format, device, dtype)
+    return lm
+
+
+def load_tokenizer(config: StorygenConfig) -> LoadedModel:
+    """STORYGEN_MODEL's tokenizer, prompt format and stop tokens without its weights (`model` is None).
+
+    For a worker whose tokens come from remote servers (STORYGEN_BACKEND=openai): prompts are
+    still built and guarded here, so they must be encoded exactly as the servers' model reads them.
+    """
+    source, model_id, local = _locate(config.model, config.cache_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
+        model_config = AutoConfig.from_pretrained(source, local_files_only=local)
+    except OSError as error:
+        raise ModelLoadError(f"could not load the tokenizer of {model_id!r} from {source}: {error}") from error
+    try:
+        eos = GenerationConfig.from_pretrained(source, local_files_only=local).eos_token_id
+    except OSError:  # no generation_config.json: the model config's own
+        eos = getattr(model_config, "eos_token_id", None)
+    lm = _assemble(config, source, model_id, local, tokenizer, None, model_config, eos,
+                   torch.device("cpu"), torch.float32)
+    logger.info("loaded the tokenizer of %s (%s format) for remote generation", model_id, lm.spec.format)
+    return lm
+
+
+def _assemble(config: StorygenConfig, source: str, model_id: str, local: bool, tokenizer: PreTrainedTokenizerBase,
+              model: PreTrainedModel | None, model_config: PretrainedConfig, eos: int | list[int] | None,
+              device: torch.device, dtype: torch.dtype) -> LoadedModel:
     metadata = read_metadata(Path(source)) if local else None
     spec = resolve_format(config.model_format, model_id, metadata, tokenizer)
     stops = control_ids(tokenizer) - {tokenizer.unk_token_id}
-    eos = model.generation_config.eos_token_id
     stops |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    logger.info("loaded %s (%s format) on %s as %s", model_id, spec.format, device, dtype)
     sentence_ends, blanks = sentence_end_tokens(tokenizer)
     return LoadedModel(model, tokenizer, spec, model_id, device, dtype, frozenset(stops),
                        tuple(control_strings(tokenizer)), _end_ids(tokenizer, spec, eos) & stops,
-                       sentence_ends, blanks)
+                       sentence_ends, blanks, model_config)
 
 
 def _end_ids(tokenizer: PreTrainedTokenizerBase, spec: FormatSpec, eos: int | list[int] | None) -> frozenset[int]:

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from storygen.config import StorygenConfig
-from storygen.endings import finish_story
+from storygen.endings import finish_story, strip_controls
 from storygen.engine import Engine, Sequence
 from storygen.errors import EmptyPromptError, SettingRangeError
 from storygen.genres import Genre, detect_genre, find_genre, is_auto, resolve_genre
@@ -34,6 +34,9 @@ class StoryRequest:
     prompt: str  # the opening, as typed
     params: SamplingParams = SamplingParams()
     deadline: float | None = None  # time.monotonic() by which it must finish; None: the worker's default
+    # A prompt already built and encoded elsewhere (a StoryBot in front using this one as its backend,
+    # as a completions client sends vLLM token ids): no framing, no genre; the text comes back untrimmed.
+    prompt_ids: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,10 @@ class PreparedStory:
     prompt_ids: list[int]
     opening_tokens: int  # the last `opening_tokens` of prompt_ids encode the opening
     notices: tuple[str, ...] = ()  # soft limits applied and guesses made, to tell the user
+
+    @property
+    def raw(self) -> bool:
+        return self.request.prompt_ids is not None
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,8 @@ def pick_genre(text: str, opening: str, lm: LoadedModel, config: StorygenConfig)
 
 def prepare(request: StoryRequest, lm: LoadedModel, config: StorygenConfig) -> PreparedStory:
     """Check a request and turn it into prompt ids; raises a StorygenError a user can read."""
+    if request.prompt_ids is not None:
+        return _prepare_raw(request, lm, config)
     opening, trimmed = to_opening(request.prompt, config.max_prompt_chars)
     if not opening:
         raise EmptyPromptError()
@@ -93,6 +102,27 @@ def prepare(request: StoryRequest, lm: LoadedModel, config: StorygenConfig) -> P
                                 "(the model reads at most " f"{lm.max_positions} tokens)")
     opening_tokens = len(encode_user_text(lm.tokenizer, _opening_as_encoded(lm, opening)))
     return PreparedStory(request, genre, opening, prompt_ids, opening_tokens, tuple(notices))
+
+
+RAW_CONTEXT_TOKENS = 8  # prompt tokens a raw completion's decoding starts from, for spacing
+
+
+def _prepare_raw(request: StoryRequest, lm: LoadedModel, config: StorygenConfig) -> PreparedStory:
+    """A prompt of token ids as a completions client sends it: checked, not framed."""
+    ids = list(request.prompt_ids or ())
+    if not ids:
+        raise EmptyPromptError()
+    vocab = len(lm.tokenizer)
+    if any(not 0 <= i < vocab for i in ids):
+        raise SettingRangeError("prompt", next(i for i in ids if not 0 <= i < vocab),
+                                f"token ids from 0 to {vocab - 1} (this model's vocabulary)")
+    validate(request.params, config.limits)
+    if len(ids) + request.params.length > lm.max_positions:
+        raise SettingRangeError("max_tokens", request.params.length,
+                                f"1 to {max(lm.max_positions - len(ids), 0)} tokens after this {len(ids)}-token "
+                                f"prompt (the model reads at most {lm.max_positions} tokens)")
+    genre = find_genre(request.genre) or lm.spec.allowed_genres()[0]
+    return PreparedStory(request, genre, "", ids, min(len(ids), RAW_CONTEXT_TOKENS))
 
 
 def _opening_as_encoded(lm: LoadedModel, opening: str) -> str:
@@ -144,10 +174,24 @@ class TextStream:
 def finish(lm: LoadedModel, prepared: PreparedStory, seq: Sequence, stream: TextStream,
            timings: dict[str, float] | None = None) -> Story:
     """The finished story, with a clean ending; raises EmptyStoryError if nothing usable came."""
-    text = finish_story(prepared.opening, stream.final_text(), seq.finish_reason == "stop", lm.controls)
+    return finish_text(lm, prepared, stream.final_text(), seq.finish_reason or "aborted", len(seq.generated),
+                       seq.seed, timings)
+
+
+def finish_text(lm: LoadedModel, prepared: PreparedStory, continuation: str, finish_reason: str, new_tokens: int,
+                seed: int, timings: dict[str, float] | None = None) -> Story:
+    """The finished story from the text written after the prompt, however it was generated.
+
+    A raw completion (token ids in) comes back as written, control tokens aside: whoever built
+    the prompt finishes the story.
+    """
+    if prepared.raw:
+        text = strip_controls(continuation, lm.controls)
+    else:
+        text = finish_story(prepared.opening, continuation, finish_reason == "stop", lm.controls)
     request = prepared.request
-    return Story(request.request_id, request.user_key, prepared.genre.name, text, seq.finish_reason or "aborted",
-                 len(seq.generated), seq.seed, prepared.notices, timings or {}, len(prepared.prompt_ids))
+    return Story(request.request_id, request.user_key, prepared.genre.name, text, finish_reason, new_tokens, seed,
+                 prepared.notices, timings or {}, len(prepared.prompt_ids))
 
 
 def generate_story(engine: Engine, prepared: PreparedStory) -> Story:

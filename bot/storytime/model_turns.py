@@ -23,7 +23,7 @@ from storygen.config import StorygenConfig
 from storygen.errors import StorygenError, WorkerUnavailableError
 from storygen.prompts import to_opening
 from storygen.stories import Story, StoryRequest
-from storygen.worker import Worker
+from storygen.queue_front import QueueFront
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def first_sentences(text: str, count: int) -> str:
     return text.strip()
 
 
-async def write_line(worker: Worker, surface: Surface, session: Session, label: str, request: StoryRequest,
+async def write_line(worker: QueueFront, surface: Surface, session: Session, label: str, request: StoryRequest,
                      limits: StorytimeLimits,
                      begun: Callable[[str], Awaitable[None]]) -> tuple[str, str | None, str | None]:
     """(the model's line, None, its message), or ("", what went wrong, None); the thread shows it as it

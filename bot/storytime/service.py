@@ -33,7 +33,7 @@ from bot.storytime.store import SessionStore
 from bot.storytime.surface import Surface
 from storygen.errors import WorkerUnavailableError
 from storygen.stories import pick_genre
-from storygen.worker import Worker
+from storygen.queue_front import QueueFront
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ MAX_TIMER_SLEEP_S = 30.0
 
 
 class StorytimeService:
-    def __init__(self, worker: Worker, store: SessionStore, limits: StorytimeLimits = StorytimeLimits(),
+    def __init__(self, worker: QueueFront, store: SessionStore, limits: StorytimeLimits = StorytimeLimits(),
                  clock: Callable[[], float] = time.time) -> None:
         self.worker = worker
         self.store = store

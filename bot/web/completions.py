@@ -19,7 +19,7 @@ from starlette.responses import StreamingResponse
 
 from bot.commands import StoryCommand
 from bot.service import ChatContext, Started
-from bot.web.context import WebContext, api_caller, web_context
+from bot.web.context import WebContext, api_caller, fingerprint, web_context
 from bot.web.errors import error_response, to_http_error
 from bot.web.schemas import CompletionBody
 from bot.web.streams import DONE, SSE_HEADERS, await_story, events, sse
@@ -84,8 +84,16 @@ async def completions(body: CompletionBody, request: Request, ctx: ChatContext =
                                    f"{web.config.http_model_name!r} (see /v1/models)", param="model",
                               code="model_not_found")
     service = web.ready_service()
-    started = await service.story(ctx, StoryCommand(body.opening(), body.genre, body.overrides()))
-    opening, _ = to_opening(body.opening(), service.config.max_prompt_chars)
+    if body.user and web.config.http_api_keys:  # a trusted caller's own end user: their own place in the queue
+        ctx = ChatContext(ctx.platform, ctx.user, ctx.channel, fingerprint(body.user))
+    if (ids := body.token_ids()) is not None:
+        if body.echo:
+            return error_response(400, "echo is not supported with a prompt of token ids; send the prompt as "
+                                       "text to have it echoed", param="echo", code="invalid_body")
+        started, opening = await service.completion(ctx, ids, body.overrides()), ""
+    else:
+        started = await service.story(ctx, StoryCommand(body.opening(), body.genre, body.overrides()))
+        opening, _ = to_opening(body.opening(), service.config.max_prompt_chars)
     meta = {"id": f"cmpl-{started.request.request_id}", "created": int(time.time()),
             "model": web.config.http_model_name}
     if body.stream:

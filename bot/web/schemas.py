@@ -16,6 +16,8 @@ from bot.commands import MAX_INPUT_CHARS
 from storygen.sampling import SEED_MAX
 
 Text = Annotated[str, Field(min_length=1, max_length=MAX_INPUT_CHARS)]
+MAX_PROMPT_IDS = 32_768  # a token-id prompt's length, before the model's own limit is checked
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=MAX_PROMPT_IDS)]
 GenreName = Annotated[str, Field(min_length=1, max_length=100, description="a genre name or alias, or auto")]
 
 
@@ -70,13 +72,18 @@ class CommandBody(_Body):
 class CompletionBody(_Body):
     """POST /v1/completions, OpenAI's shape. `prompt` is the story's opening; the reply is the rest.
 
+    A prompt of token ids (as vLLM takes them) is read as it is, with no genre framing: that is
+    how a StoryBot in front uses this one as its generation server. With API keys configured,
+    `user` names the caller's own end user, who then has their own place in the fair queue.
+
     Beyond OpenAI's fields it takes `genre`, `top_k` and `repetition_penalty`, as vLLM takes
     extra sampling fields. Fields OpenAI has that a story server cannot honour are refused
     when set to anything but their neutral value, never silently dropped.
     """
 
     model: Annotated[str, Field(min_length=1, max_length=200)]
-    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1)]
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1)] | TokenIds | \
+        Annotated[list[TokenIds], Field(min_length=1, max_length=1)]
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -97,6 +104,11 @@ class CompletionBody(_Body):
     logit_bias: dict[str, float] | None = Field(None, max_length=0, description="not supported")
     user: Annotated[str, Field(max_length=200)] | None = None
     genre: GenreName | None = None
+
+    def token_ids(self) -> list[int] | None:
+        """The prompt as token ids, when it was sent that way."""
+        prompt = self.prompt[0] if self.prompt and isinstance(self.prompt[0], list) else self.prompt
+        return prompt if isinstance(prompt, list) and isinstance(prompt[0], int) else None
 
     def opening(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
