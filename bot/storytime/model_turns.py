@@ -20,7 +20,7 @@ from bot.storytime.prompt import story_prompt
 from bot.storytime.session import Session, StorytimeError
 from bot.storytime.surface import Surface
 from storygen.config import StorygenConfig
-from storygen.errors import StorygenError, WorkerUnavailableError
+from storygen.errors import BackendsUnavailableError, StorygenError, WorkerUnavailableError
 from storygen.prompts import to_opening
 from storygen.stories import Story, StoryRequest
 from storygen.queue_front import QueueFront
@@ -76,6 +76,8 @@ async def write_line(worker: QueueFront, surface: Surface, session: Session, lab
     ref = None
     try:
         handle = await worker.submit(request)
+    except BackendsUnavailableError as error:  # the bot is up, its generation servers are not: the group is told
+        return "", str(error), None
     except WorkerUnavailableError:
         raise
     except StorygenError as error:
