@@ -24,7 +24,7 @@ MODES = ("ok", "500", "stall", "malformed", "cut")
 
 class SimulatedServer:
     def __init__(self, slots: int = 8, tokens_per_s: float = 50.0, model: str = "sim", owned_by: str = "vllm",
-                 stop_after: int | None = None, port: int = 0, cut_after: int = 3) -> None:
+                 stop_after: int | None = None, port: int = 0, cut_after: int = 3, piece: str | None = None) -> None:
         self.slots = slots
         self.tokens_per_s = tokens_per_s
         self.model = model
@@ -32,6 +32,7 @@ class SimulatedServer:
         self.stop_after = stop_after  # tokens after which a story "ends" (finish_reason stop); None: max_tokens
         self.cut_after = cut_after  # tokens a "cut" stream sends before the connection drops
         self.port = port
+        self.piece = piece  # every token's text; None: " w<n>"
         self.mode = "ok"
         self.requests: list[dict] = []
         self.completed = 0  # streams that ran to their finish
@@ -49,7 +50,7 @@ class SimulatedServer:
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
         app.router.add_post("/v1/completions", self._completions)
-        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1)
+        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
         await site.start()
@@ -97,7 +98,7 @@ class SimulatedServer:
                         request.transport.close()  # the server dies mid-stream
                         return response
                     await asyncio.sleep(1.0 / self.tokens_per_s)
-                    await _event(response, {**meta, "choices": [{"index": 0, "text": f" w{i}", "logprobs": None,
+                    await _event(response, {**meta, "choices": [{"index": 0, "text": self.piece or f" w{i}", "logprobs": None,
                                                                    "finish_reason": None}]})
                     sent += 1
                     self.tokens += 1
@@ -110,7 +111,9 @@ class SimulatedServer:
                         "total_tokens": sent}})
                 await response.write(b"data: [DONE]\n\n")
                 self.completed += 1
-        except (ConnectionResetError, asyncio.CancelledError):
+        except ConnectionResetError:  # the client closed the stream (cancelled): as vLLM does, stop writing
+            self.aborted += 1
+        except asyncio.CancelledError:
             self.aborted += 1
             raise
         return response
@@ -118,3 +121,34 @@ class SimulatedServer:
 
 async def _event(response: web.StreamResponse, payload: dict) -> None:
     await response.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+
+
+async def _serve_many(args) -> None:
+    """Run `--servers` of them in this process; print their URLs as one JSON line; obey stdin."""
+    import sys
+
+    group = [SimulatedServer(args.slots, args.rate, piece=args.piece) for _ in range(args.servers)]
+    for server in group:
+        await server.start()
+    print(json.dumps([server.url for server in group]), flush=True)
+    loop = asyncio.get_running_loop()
+    while line := await loop.run_in_executor(None, sys.stdin.readline):
+        command, *rest = line.split()
+        if command == "stop":
+            await group[int(rest[0])].stop()
+            print("stopped", flush=True)
+        elif command == "quit":
+            break
+    for server in group:
+        await server.stop()
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="simulated OpenAI-compatible servers on loopback")
+    parser.add_argument("--servers", type=int, default=1)
+    parser.add_argument("--slots", type=int, default=8)
+    parser.add_argument("--rate", type=float, default=50.0, help="tokens per second per slot")
+    parser.add_argument("--piece", default=None, help="every token's text (default: ' w<n>')")
+    asyncio.run(_serve_many(parser.parse_args()))

@@ -561,7 +561,7 @@ async def test_python_m_bot_serves_discord_from_the_environment(fake_discord, sc
     env = Env({"DISCORD_TOKEN": fake_discord.token, "DISCORD_API_URL": fake_discord.base_url,
                "DISCORD_GATEWAY_URL": fake_discord.gateway_url, "STORYGEN_SETTINGS_DB": str(tmp_path / "bot.db"),
                "HTTP_ENABLED": "false"}, env_file=None)
-    monkeypatch.setattr(entry, "load_model", lambda config: scripted_lm)  # the scripted model, not a download
+    monkeypatch.setattr("storygen.serving.load_model", lambda config: scripted_lm)  # the scripted model, not a download
     stop = asyncio.Event()
     serving = asyncio.create_task(entry.serve(BotConfig.from_env(env), StorygenConfig.from_env(env), stop))
     await fake_discord.wait_for(lambda r: r.method == "PUT", timeout=10)

@@ -259,7 +259,7 @@ async def test_shutdown_lets_a_running_story_finish_and_turns_new_ones_away(
         fake_slack, lm, gate, endless, tmp_path, monkeypatch):  # noqa: F811
     import bot.__main__ as entry
 
-    monkeypatch.setattr(entry, "load_model", lambda config: lm)  # the tiny model, with the gate on it
+    monkeypatch.setattr("storygen.serving.load_model", lambda config: lm)  # the tiny model, with the gate on it
     config = BotConfig(slack_bot_token=Secret(BOT_TOKEN), slack_app_token=Secret(APP_TOKEN),
                        slack_api_url=fake_slack.base_url, shutdown_grace_s=30, http_port=0)
     stop = asyncio.Event()
