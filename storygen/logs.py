@@ -9,8 +9,7 @@ configuring logging (STYLE: only `__main__` configures it):
 - warnings become records of the `py.warnings` logger (logging.captureWarnings), shown
   only when debugging;
 - transformers' logger hands its records to ours instead of printing them, errors only
-  unless debugging;
-- the HTTP client's per-request INFO lines (the remote pool) are kept for debugging.
+  unless debugging.
 
 Tests keep seeing warnings as usual; tests/test_logs.py checks that a forward emits none.
 """
@@ -33,6 +32,3 @@ def quiet_libraries(debug: bool = False) -> None:
     library.enable_propagation()
     library.set_verbosity(logging.WARNING if debug else logging.ERROR)
     library.disable_progress_bar()
-    # The HTTP client of the remote pool logs every request at INFO: a line per story is ours to write.
-    for name in ("httpx", "httpx2", "httpcore", "httpcore2", "openai"):
-        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)

@@ -1,7 +1,13 @@
 """One remote OpenAI-compatible server: probe it, stream one completion from it.
 
-Through the official `openai` client (one pooled HTTP client for all servers, no retries of
-its own: a failed server's stories move to another, which the pool and the worker decide).
+Over aiohttp (one pooled session for all servers; already what discord.py and slack-bolt's
+async client run on), with its timeouts: connecting, and silence on an open stream. It
+retries nothing by itself: a failed server's stories move to another, which the pool and
+the worker decide. The stream is read as Server-Sent Events, a `data:` line per event.
+The official `openai` client did the same at about 0.3 ms of CPU per token in its
+response models (benchmarks/scale_bench.py), the most of the router's cost; a line and a
+json.loads are enough here.
+
 The prompt goes as token ids, built and guarded here, which vLLM, llama.cpp and StoryBot
 all take. Sampling settings go under the names each server reads; one it has no name for
 is said once in the log.
@@ -9,13 +15,14 @@ is said once in the log.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import httpx2
-import openai
+import aiohttp
 
 from storygen.sampling import SamplingParams
 
@@ -51,32 +58,29 @@ class RequestRefused(Exception):
 
 @dataclass
 class Segment:
-    """What one request to one server wrote."""
+    """How one request to one server ended (its text went to `on_text` as it came)."""
 
-    text: str
     finish_reason: str  # "stop" or "length"
     completion_tokens: int | None  # as the server counted them, when it said
 
 
-def shared_http_client(max_connections: int) -> httpx2.AsyncClient:
-    """The one connection pool every server's client shares."""
-    return openai.DefaultAsyncHttpxClient(limits=httpx2.Limits(max_connections=max_connections,
-                                                               max_keepalive_connections=max_connections))
+def shared_session(max_connections: int) -> aiohttp.ClientSession:
+    """The one connection pool every server's requests share. Create it inside the running loop."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=max_connections, limit_per_host=0),
+                                 raise_for_status=False)
 
 
 class Backend:
     """One server and what we know of it. Only the asyncio loop touches it."""
 
-    def __init__(self, url: str, model: str, api_key: str, timeout_s: float, http_client: httpx2.AsyncClient,
-                 max_inflight: int) -> None:
+    def __init__(self, url: str, model: str, api_key: str, timeout_s: float, max_inflight: int) -> None:
         self.url = url
         self.configured_model = model
         self.model = model
         self.max_inflight = max_inflight
         self.timeout_s = timeout_s
-        self.client = openai.AsyncOpenAI(base_url=url, api_key=api_key or "none", max_retries=0,
-                                         timeout=httpx2.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
-                                         http_client=http_client)
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.session: aiohttp.ClientSession | None = None  # the pool's, set when it starts
         self.dialect = "openai"
         self.up = False
         self.inflight = 0
@@ -91,41 +95,43 @@ class Backend:
 
     async def probe(self) -> str | None:
         """Ask the server for its models; None when it answers and serves ours, else what is wrong."""
+        timeout = aiohttp.ClientTimeout(total=min(self.timeout_s, PROBE_TIMEOUT_S))
         try:
-            page = await self.client.models.list(timeout=min(self.timeout_s, PROBE_TIMEOUT_S))
-            models = list(page.data)
-        except openai.APIStatusError as error:
-            return f"/models answered {error.status_code}"
-        except (openai.APIError, ValueError, TypeError, AttributeError) as error:
+            async with self.session.get(self.url + "/models", headers=self.headers, timeout=timeout) as response:
+                if response.status != 200:
+                    return f"/models answered {response.status}"
+                listing = await response.json(content_type=None)
+            models = [m for m in listing["data"] if isinstance(m.get("id"), str)]
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError, AttributeError) as error:
             return f"/models failed: {type(error).__name__}: {error}"
         if not models:
             return "/models lists no model"
-        names = [m.id for m in models]
+        names = [m["id"] for m in models]
         if self.configured_model and self.configured_model not in names:
             return f"it serves {', '.join(names)}, not STORYGEN_BACKEND_MODEL={self.configured_model!r}"
-        chosen = next(m for m in models if not self.configured_model or m.id == self.configured_model)
-        self.model = chosen.id
-        owner = str(getattr(chosen, "owned_by", "") or "").lower()
+        chosen = next(m for m in models if not self.configured_model or m["id"] == self.configured_model)
+        self.model = chosen["id"]
+        owner = str(chosen.get("owned_by") or "").lower()
         self.dialect = owner if owner in DIALECTS else "openai"
         return None
 
     def request_body(self, prompt_ids: list[int], params: SamplingParams, seed: int, max_tokens: int,
-                     stop_ids: frozenset[int], user: str) -> tuple[dict, dict]:
-        """(the standard arguments, extra_body) for this server's kind."""
+                     stop_ids: frozenset[int], user: str) -> dict:
+        """The completions request, with the extra settings under this server's names."""
         names = DIALECTS[self.dialect]
-        extra: dict = {}
+        body = {"model": self.model, "prompt": prompt_ids, "max_tokens": max_tokens,
+                "temperature": params.temperature, "top_p": params.top_p, "seed": seed, "user": user,
+                "stream": True, "stream_options": {"include_usage": True}}
         wanted = {"top_k": params.top_k, "repetition_penalty": params.repetition_penalty,
                   "stop_token_ids": sorted(stop_ids)}
-        neutral = {"top_k": 0, "repetition_penalty": 1.0, "stop_token_ids": None}
+        neutral = {"top_k": 0, "repetition_penalty": 1.0}
         for key, value in wanted.items():
             if names[key] is not None:
-                extra[names[key]] = value
-            elif key != "stop_token_ids" and value != neutral[key]:
+                body[names[key]] = value
+            elif key in neutral and value != neutral[key]:
                 self._say_once(key, f"{self.url} ({self.dialect}) has no {key} setting; stories there are "
                                f"sampled without it")
-        standard = {"model": self.model, "prompt": prompt_ids, "max_tokens": max_tokens,
-                    "temperature": params.temperature, "top_p": params.top_p, "seed": seed, "user": user}
-        return standard, extra
+        return body
 
     def _say_once(self, key: str, message: str) -> None:
         if key not in self._said:
@@ -141,48 +147,63 @@ class Backend:
         stream) and RequestRefused when it says the request is wrong. Cancelling the task that
         awaits this closes the stream, which aborts the request on vLLM, llama.cpp and StoryBot.
         """
-        standard, extra = self.request_body(prompt_ids, params, seed, max_tokens, stop_ids, user)
+        body = self.request_body(prompt_ids, params, seed, max_tokens, stop_ids, user)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(self.timeout_s, 5.0), sock_read=self.timeout_s)
         started = time.monotonic()
-        text, finish, usage, first = [], None, None, True
+        pieces, finish, usage = 0, None, None
         try:
-            stream = await self.client.completions.create(
-                **standard, stream=True, stream_options={"include_usage": True}, extra_body=extra)
-            async with stream:
-                async for chunk in stream:
-                    if chunk.usage is not None:
-                        usage = chunk.usage.completion_tokens
-                    for choice in chunk.choices or ():
-                        if choice.text:
-                            if first and on_first is not None:
+            async with self.session.post(self.url + "/completions", json=body, headers=self.headers,
+                                         timeout=timeout) as response:
+                if response.status != 200:
+                    message = _message(await response.text())
+                    if 400 <= response.status < 500 and response.status not in (408, 429):
+                        raise RequestRefused(response.status, message)
+                    raise BackendFailure("status", f"answered {response.status}: {message}")
+                async for line in response.content:
+                    if not line.startswith(b"data:"):
+                        continue  # blank separators, comments, `event:` lines
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        break
+                    event = json.loads(data)
+                    if "error" in event:
+                        raise BackendFailure("status", f"error in the stream: {_message(event)}")
+                    if event.get("usage"):
+                        usage = event["usage"].get("completion_tokens")
+                    for choice in event.get("choices") or ():
+                        if text := choice.get("text"):
+                            if not pieces and on_first is not None:
                                 on_first(time.monotonic() - started)
-                            first = False
-                            text.append(choice.text)
-                            on_text(choice.text)
-                        if choice.finish_reason:
-                            finish = choice.finish_reason
-        except openai.APITimeoutError as error:
+                            pieces += 1
+                            on_text(text)
+                        if choice.get("finish_reason"):
+                            finish = choice["finish_reason"]
+        except asyncio.TimeoutError as error:
             raise BackendFailure("timeout", f"no answer within {self.timeout_s:g} s") from error
-        except openai.APIConnectionError as error:
-            raise BackendFailure("refused", str(error.__cause__ or error)) from error
-        except openai.APIStatusError as error:
-            if 400 <= error.status_code < 500 and error.status_code not in (408, 429):
-                raise RequestRefused(error.status_code, _message(error)) from error
-            raise BackendFailure("status", f"answered {error.status_code}: {_message(error)}") from error
-        except openai.APIError as error:  # an error event inside the stream
-            raise BackendFailure("status", f"error in the stream: {error.message}") from error
-        except (ValueError, TypeError, AttributeError, KeyError, httpx2.HTTPError) as error:
+        except aiohttp.ClientConnectorError as error:
+            raise BackendFailure("refused", str(error)) from error
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as error:
+            raise BackendFailure("cut", f"{type(error).__name__}: {error}") from error
+        except aiohttp.ClientError as error:
+            raise BackendFailure("refused", f"{type(error).__name__}: {error}") from error
+        except (ValueError, TypeError, AttributeError, KeyError) as error:
             raise BackendFailure("malformed", f"{type(error).__name__}: {error}") from error
         if finish is None:
-            raise BackendFailure("cut", f"the stream ended after {len(text)} pieces without a finish reason")
-        return Segment("".join(text), "length" if finish == "length" else "stop", usage)
+            raise BackendFailure("cut", f"the stream ended after {pieces} pieces without a finish reason")
+        return Segment("length" if finish == "length" else "stop", usage)
 
 
-def _message(error: openai.APIStatusError) -> str:
-    body = error.body
+def _message(body: str | dict) -> str:
+    """The `message` of an OpenAI-shaped error body, or the start of the body."""
+    if isinstance(body, str):
+        try:
+            body = json.loads(body)
+        except ValueError:
+            return body[:300]
     if isinstance(body, dict):
         inner = body.get("error", body)
         if isinstance(inner, dict) and isinstance(inner.get("message"), str):
             return inner["message"][:300]
         if isinstance(body.get("message"), str):
             return body["message"][:300]
-    return str(error.message)[:300]
+    return str(body)[:300]

@@ -15,9 +15,11 @@ import logging
 import time
 from collections.abc import Callable
 
+import aiohttp
+
 from storygen.config import StorygenConfig
 from storygen.metrics import Metrics
-from storygen.remote.client import Backend, shared_http_client
+from storygen.remote.client import Backend, shared_session
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +35,10 @@ class BackendPool:
         self.metrics = metrics
         self.probe_interval_s = probe_interval_s
         self._on_change = on_change  # room may have opened: a server came back or a request ended
-        self._http = shared_http_client(config.backend_max_inflight * len(config.backend_urls))
+        self._connections = config.backend_max_inflight * len(config.backend_urls) + len(config.backend_urls)
+        self._session: aiohttp.ClientSession | None = None
         self.backends = [Backend(url, config.backend_model, str(config.backend_api_key), config.backend_timeout_s,
-                                 self._http, config.backend_max_inflight) for url in config.backend_urls]
+                                 config.backend_max_inflight) for url in config.backend_urls]
         self._next = 0  # ties in load go round the servers
         self._prober: asyncio.Task | None = None
         for backend in self.backends:
@@ -43,6 +46,9 @@ class BackendPool:
 
     async def start(self) -> None:
         """Probe every server once, then keep probing those out of rotation."""
+        self._session = shared_session(self._connections)  # streams, plus a probe each
+        for backend in self.backends:
+            backend.session = self._session
         await asyncio.gather(*(self._probe(b) for b in self.backends))
         up = [b.url for b in self.backends if b.up]
         logger.info("generation servers: %s of %s in rotation%s", len(up), len(self.backends),
@@ -53,7 +59,8 @@ class BackendPool:
         if self._prober is not None:
             self._prober.cancel()
             await asyncio.gather(self._prober, return_exceptions=True)
-        await self._http.aclose()
+        if self._session is not None:
+            await self._session.close()
 
     # --- routing -----------------------------------------------------------------------------
 
