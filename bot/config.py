@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
+from typing import Literal
 from urllib.parse import urlparse
 
 from storygen.config import Env, Secret
@@ -16,6 +18,7 @@ DISCORD_API = "https://discord.com/api/v10"
 DISCORD_GATEWAY = "wss://gateway.discord.gg"
 SLACK_API = "https://slack.com/api/"
 SLACK_MODES = ("auto", "socket", "http")
+SHARDS_AUTO = "auto"  # DISCORD_SHARDS: as many shards as Discord's GET /gateway/bot recommends
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,8 @@ class BotConfig:
     discord_gateway_url: str = DISCORD_GATEWAY
     discord_guild_ids: tuple[int, ...] = ()  # sync commands to these guilds at once (global sync takes up to an hour)
     discord_message_content: bool = False  # the privileged intent: storytime thread replies count as lines
+    # None: one plain gateway connection; "auto" or N: discord.py's AutoShardedClient, every shard in this process
+    discord_shards: int | Literal["auto"] | None = None
     slack_bot_token: Secret = Secret("")
     slack_app_token: Secret = Secret("")
     slack_signing_secret: Secret = Secret("")
@@ -63,6 +68,7 @@ class BotConfig:
             discord_gateway_url=_url(env, "DISCORD_GATEWAY_URL", DISCORD_GATEWAY, ("ws", "wss")),
             discord_guild_ids=_ids(env, "DISCORD_GUILD_IDS"),
             discord_message_content=env.bool("DISCORD_MESSAGE_CONTENT", False),
+            discord_shards=_shards(env, "DISCORD_SHARDS"),
             slack_bot_token=env.secret("SLACK_BOT_TOKEN"),
             slack_app_token=env.secret("SLACK_APP_TOKEN"),
             slack_signing_secret=env.secret("SLACK_SIGNING_SECRET"),
@@ -128,6 +134,18 @@ def _ids(env: Env, key: str) -> tuple[int, ...]:
         return tuple(int(part) for part in raw.replace(",", " ").split())
     except ValueError:
         raise ConfigError(f"{key}={raw!r} must be numeric ids separated by commas") from None
+
+
+def _shards(env: Env, key: str) -> int | Literal["auto"] | None:
+    """off (the default), auto, or a number of shards: Discord requires them past 2,500 servers."""
+    raw = env.str(key, "off")
+    if raw.lower() == "off":
+        return None
+    if raw.lower() == SHARDS_AUTO:
+        return SHARDS_AUTO
+    if re.fullmatch(r"[0-9]+", raw) and int(raw) >= 1:
+        return int(raw)
+    raise ConfigError(f"{key}={raw!r} is not allowed; use off, auto, or a number of shards (1 or more)")
 
 
 def _keys(env: Env, key: str) -> tuple[Secret, ...]:

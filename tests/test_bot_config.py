@@ -63,3 +63,18 @@ def test_discord_message_content_is_off_unless_asked_for(raw, expected):
 def test_a_bad_message_content_flag_is_named():
     with pytest.raises(ConfigError, match="DISCORD_MESSAGE_CONTENT"):
         _config(DISCORD_TOKEN="t", DISCORD_MESSAGE_CONTENT="perhaps")
+
+
+@pytest.mark.parametrize("raw, expected", [(None, None), ("", None), ("off", None), ("OFF", None),
+                                           ("auto", "auto"), ("Auto", "auto"), ("2", 2), (" 1 ", 1)])
+def test_discord_shards_off_auto_or_a_count(raw, expected):
+    values = {"DISCORD_TOKEN": "t"} | ({"DISCORD_SHARDS": raw} if raw is not None else {})
+    assert _config(**values).discord_shards == expected
+
+
+@pytest.mark.parametrize("raw", ["0", "-1", "two", "2.5", "+2"])
+def test_a_bad_shard_count_is_one_line_naming_the_key_and_what_is_allowed(raw):
+    with pytest.raises(ConfigError) as caught:
+        _config(DISCORD_TOKEN="t", DISCORD_SHARDS=raw)
+    assert str(caught.value) == (f"DISCORD_SHARDS={raw!r} is not allowed; use off, auto, "
+                                 "or a number of shards (1 or more)")

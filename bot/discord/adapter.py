@@ -7,7 +7,8 @@
 Commands parse and validate in bot/commands.py and bot/service.py, shared with Slack;
 the slash commands' schema is in bot/discord/commands.py. The gateway only brings
 interactions in: every reply goes out over REST with the interaction's token, so a
-reconnect or resume loses nothing.
+reconnect or resume loses nothing. With DISCORD_SHARDS the client is discord.py's
+AutoShardedClient: several gateway connections in this process, one client, one handler.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from discord import app_commands
 from bot import messages
 from bot.commands import (AdminCommand, Command, CommandError, SettingsCommand, SimpleCommand, StoryCommand,
                           parse_command_text)
-from bot.config import DISCORD_API, DISCORD_GATEWAY, BotConfig
+from bot.config import DISCORD_API, DISCORD_GATEWAY, SHARDS_AUTO, BotConfig
 from bot.discord.commands import add_commands, add_storytime_commands
 from bot.discord.delivery import TOKEN_TTL_S, StoryDelivery
 from bot.discord.endpoints import point_discord_at
@@ -132,7 +133,11 @@ class StoryClient(discord.Client):
             await self.front_end.storytime.on_vote(interaction, session_id, index)
 
     async def on_ready(self) -> None:
-        logger.info("Discord: logged in as %s in %s servers", self.user, len(self.guilds))
+        logger.info("Discord: logged in as %s in %s servers, %s", self.user, len(self.guilds), self.gateway_summary)
+
+    @property
+    def gateway_summary(self) -> str:
+        return "one gateway connection (DISCORD_SHARDS=off)"
 
     async def on_resumed(self) -> None:
         logger.info("Discord: gateway session resumed")
@@ -141,13 +146,46 @@ class StoryClient(discord.Client):
         await self.front_end.handle(interaction)
 
 
+class ShardedStoryClient(StoryClient, discord.AutoShardedClient):
+    """StoryClient over several gateway connections (shards) in this process, for DISCORD_SHARDS.
+
+    Discord sends each shard the events of the servers it owns, `(guild_id >> 22) % shard_count`;
+    discord.py merges them into this one client, so interactions reach the same handler and
+    StoryService whichever shard brought them. on_ready fires once every shard is ready (each
+    waits guild_ready_timeout after its last GUILD_CREATE); shards after the first identify 5 s
+    apart (discord.py's before_identify_hook), Discord's limit for most bots.
+    """
+
+    @property
+    def gateway_summary(self) -> str:
+        return f"{self.shard_count} shards"
+
+    async def on_shard_ready(self, shard_id: int) -> None:
+        logger.debug("Discord: shard %s of %s ready", shard_id, self.shard_count)
+
+    async def on_resumed(self) -> None:
+        pass  # on_shard_resumed says which one
+
+    async def on_shard_resumed(self, shard_id: int) -> None:
+        logger.info("Discord: gateway session of shard %s resumed", shard_id)
+
+
+def to_client(front_end: DiscordFrontEnd, config: BotConfig, guild_ready_timeout: float) -> StoryClient:
+    """The plain client, or the sharded one with DISCORD_SHARDS (auto: the count GET /gateway/bot recommends)."""
+    if config.discord_shards is None:
+        return StoryClient(front_end, config.discord_message_content, guild_ready_timeout=guild_ready_timeout)
+    shard_count = None if config.discord_shards == SHARDS_AUTO else config.discord_shards
+    return ShardedStoryClient(front_end, config.discord_message_content, shard_count=shard_count,
+                              guild_ready_timeout=guild_ready_timeout)
+
+
 class DiscordFrontEnd:
     def __init__(self, service: StoryService, config: BotConfig, *, token_ttl_s: float = TOKEN_TTL_S,
                  guild_ready_timeout: float = 2.0, storytime: StorytimeService | None = None) -> None:
         self.service = service
         self.config = config
         self.token_ttl_s = token_ttl_s
-        self.client = StoryClient(self, config.discord_message_content, guild_ready_timeout=guild_ready_timeout)
+        self.client = to_client(self, config, guild_ready_timeout)
         self.tree = self.client.tree
         self.tree.on_error = self._on_tree_error  # type: ignore[method-assign]
         add_commands(self.tree, self, service.config.limits)

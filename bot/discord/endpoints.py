@@ -7,7 +7,9 @@ discord.py 2.x has no per-client setting for either, so both are class attribute
   that same `Route`, so one assignment moves the bot's calls *and* its interaction
   responses. Attachment and avatar URLs are taken from the payloads, not from here.
 - Gateway: `Client.connect()` opens `DiscordWebSocket.DEFAULT_GATEWAY` directly; it never
-  asks GET /gateway/bot (only `AutoShardedClient` does, and then uses the URL it gets).
+  asks GET /gateway/bot. `AutoShardedClient` does the same with a shard count
+  (DISCORD_SHARDS=N); without one (DISCORD_SHARDS=auto) it asks GET /gateway/bot for the
+  count and then opens the URL that answer names, not DEFAULT_GATEWAY.
   After READY the client resumes on the `resume_gateway_url` the gateway sent, and goes
   back to DEFAULT_GATEWAY after an invalidated session.
 

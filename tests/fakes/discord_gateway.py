@@ -4,6 +4,13 @@ It follows https://discord.com/developers/docs/events/gateway: HELLO on connect,
 HEARTBEAT -> HEARTBEAT_ACK, IDENTIFY -> READY + one GUILD_CREATE per guild,
 RESUME -> the missed dispatches (original sequence numbers) + RESUMED, and the close
 codes Discord uses for protocol errors (4001-4014).
+
+Sharding (https://discord.com/developers/docs/events/gateway#sharding): an IDENTIFY may carry
+`shard: [id, count]`. That session's READY then carries the same `shard`, and it gets READY's
+guild list, GUILD_CREATE and every other event of a guild only where
+`(guild_id >> 22) % count == id`; events outside any guild (DMs) go to shard 0 only. A session
+without `shard` is shard 0 of 1 and gets everything. Every frame records the shard of its
+connection's session, so a test can tell which shard delivered an event.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Any, AsyncIterator, Callable, Protocol
 
 from aiohttp import WSMsgType, web
 
+from .discord_objects import shard_of
 from .discord_records import GatewayFrame, Log
 
 logger = logging.getLogger(__name__)
@@ -35,6 +43,10 @@ PRIVILEGED_INTENTS = GUILD_MEMBERS | GUILD_PRESENCES | MESSAGE_CONTENT
 
 # Close codes the client may resume after; discord.py treats every other 4xxx as fatal.
 RESUMABLE_CLOSE = 4000
+INVALID_SHARD = 4010
+
+# Events whose payload is the guild itself, so its id is "id", not "guild_id".
+_GUILD_OBJECT_EVENTS = frozenset({"GUILD_CREATE", "GUILD_UPDATE", "GUILD_DELETE"})
 
 
 class GatewayWorld(Protocol):
@@ -76,9 +88,19 @@ class GatewaySession:
 
     session_id: str
     intents: int
+    shard: tuple[int, int] | None = None  # (id, count) from IDENTIFY; None: unsharded, i.e. shard 0 of 1
     seq: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     connection: GatewayConnection | None = None
+
+    @property
+    def shard_id(self) -> int | None:
+        return None if self.shard is None else self.shard[0]
+
+    def owns(self, guild_id: str | None) -> bool:
+        """Whether Discord sends this session the events of `guild_id` (None: outside any guild, e.g. a DM)."""
+        shard_id, count = self.shard or (0, 1)
+        return shard_id == 0 if guild_id is None else shard_of(guild_id, count) == shard_id
 
 
 class FakeGateway:
@@ -109,9 +131,11 @@ class FakeGateway:
     async def dispatch(
         self, event: str, data: Any | Callable[[int], Any], *, intent: int | None = None
     ) -> list[int]:
-        """Send a DISPATCH to every session (that subscribed to `intent`); returns the sequence numbers.
+        """Send a DISPATCH to every session that owns its guild (and subscribed to `intent`); returns the
+        sequence numbers.
 
         `data` may be a function of the session's intents, for events Discord redacts per intent.
+        The guild is the payload's "guild_id" (its "id" for GUILD_CREATE/UPDATE/DELETE).
         A session whose socket is down still gets a sequence number and the event is replayed on RESUME.
         """
         if not self.sessions:
@@ -120,7 +144,8 @@ class FakeGateway:
         for session in list(self.sessions.values()):
             if intent is None or session.intents & intent:
                 payload = data(session.intents) if callable(data) else data
-                sequences.append(await self._dispatch(session, event, payload))
+                if session.owns(_guild_of(event, payload)):
+                    sequences.append(await self._dispatch(session, event, payload))
         return sequences
 
     async def disconnect(self, code: int = RESUMABLE_CLOSE, reason: str = "fake disconnect") -> None:
@@ -206,7 +231,7 @@ class FakeGateway:
         except (ValueError, KeyError, TypeError):
             await self._fail(conn, 4002, f"could not decode payload: {raw[:200]!r}")
             return
-        self.frames.append(GatewayFrame(conn.index, "recv", op, d=d))
+        self.frames.append(GatewayFrame(conn.index, "recv", op, d=d, shard=_shard_id(conn)))
 
         if op == HEARTBEAT:
             if self.ack_heartbeats:
@@ -236,12 +261,22 @@ class FakeGateway:
         if intents & PRIVILEGED_INTENTS & ~self.world.allowed_intents:
             await self._fail(conn, 4014, f"privileged intents not enabled for this app: {intents:#x}")
             return
-        session = GatewaySession(session_id=secrets.token_hex(16), intents=intents)
+        shard = d.get("shard")
+        if shard is not None and not _valid_shard(shard):
+            await self._fail(conn, INVALID_SHARD, f"IDENTIFY with an invalid shard: {shard!r}")
+            return
+        session = GatewaySession(session_id=secrets.token_hex(16), intents=intents,
+                                 shard=tuple(shard) if shard is not None else None)
         self.sessions[session.session_id] = session
         self._attach(session, conn)
-        await self._dispatch(session, "READY", self.world.ready(session.session_id, self.resume_url))
+        ready = self.world.ready(session.session_id, self.resume_url)
+        ready["guilds"] = [guild for guild in ready["guilds"] if session.owns(guild["id"])]
+        if session.shard is not None:
+            ready["shard"] = list(session.shard)
+        await self._dispatch(session, "READY", ready)
         for guild in self.world.guild_creates():
-            await self._dispatch(session, "GUILD_CREATE", guild)
+            if session.owns(guild["id"]):
+                await self._dispatch(session, "GUILD_CREATE", guild)
 
     async def _resume(self, conn: GatewayConnection, d: dict[str, Any]) -> None:
         session = self.sessions.get(d.get("session_id", ""))
@@ -295,9 +330,8 @@ class FakeGateway:
         async with conn.lock:
             if not conn.open:
                 return
-            self.frames.append(
-                GatewayFrame(conn.index, "send", payload["op"], payload.get("t"), payload.get("s"), payload.get("d"))
-            )
+            self.frames.append(GatewayFrame(conn.index, "send", payload["op"], payload.get("t"), payload.get("s"),
+                                            payload.get("d"), shard=_shard_id(conn)))
             try:
                 if conn.compressor is None:
                     await conn.ws.send_str(raw.decode())
@@ -312,3 +346,20 @@ class FakeGateway:
         logger.warning("fake gateway closing connection %s with %s: %s", conn.index, code, problem)
         await conn.close(code, problem)
         return conn.ws
+
+
+def _guild_of(event: str, payload: Any) -> str | None:
+    if not isinstance(payload, dict):
+        return None
+    guild_id = payload.get("id") if event in _GUILD_OBJECT_EVENTS else payload.get("guild_id")
+    return None if guild_id is None else str(guild_id)
+
+
+def _valid_shard(shard: Any) -> bool:
+    """[id, count] with 0 <= id < count, as Discord accepts it (else it closes with 4010)."""
+    return (isinstance(shard, list) and len(shard) == 2 and all(type(n) is int for n in shard)
+            and 0 <= shard[0] < shard[1])
+
+
+def _shard_id(conn: GatewayConnection) -> int | None:
+    return None if conn.session is None else conn.session.shard_id

@@ -52,10 +52,22 @@ DM = 1
 _counter = itertools.count()
 
 
-def snowflake() -> str:
-    """A fresh, unique snowflake stamped with the current time, so `created_at` is now."""
+def snowflake(*, shard: tuple[int, int] | None = None) -> str:
+    """A fresh, unique snowflake stamped with the current time, so `created_at` is now.
+
+    shard=(id, count): a guild id that shard owns, `(guild_id >> 22) % count == id`; it is
+    stamped up to count - 1 ms in the future for that.
+    """
     ms = int(time.time() * 1000) - DISCORD_EPOCH_MS
+    if shard is not None:
+        shard_id, count = shard
+        ms += (shard_id - ms) % count
     return str((ms << 22) | (1 << 17) | (next(_counter) % 4096))
+
+
+def shard_of(guild_id: str | int, shard_count: int) -> int:
+    """The shard that receives a guild's events, by Discord's rule."""
+    return (int(guild_id) >> 22) % shard_count
 
 
 def timestamp(when: datetime.datetime | None = None) -> str:

@@ -51,6 +51,7 @@ class GatewayFrame:
     t: str | None = None
     s: int | None = None
     d: Any = None
+    shard: int | None = None  # the shard id the connection's session identified as; None: unsharded or not yet
 
 
 @dataclass
@@ -89,5 +90,6 @@ def _describe(item: Any) -> str:
     if isinstance(item, RecordedRequest):
         return f"{item.method} {item.path} -> {item.status}"
     if isinstance(item, GatewayFrame):
-        return f"[conn {item.connection}] {item.direction} op={item.op} t={item.t} s={item.s}"
+        shard = "" if item.shard is None else f" shard {item.shard}"
+        return f"[conn {item.connection}{shard}] {item.direction} op={item.op} t={item.t} s={item.s}"
     return repr(item)

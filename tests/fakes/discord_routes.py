@@ -36,6 +36,7 @@ class DiscordRoutes:
         message_events: EventSink,
         callback_deadline: float | None,
         application_flags: int,
+        recommended_shards: Callable[[], int] = lambda: 1,
     ) -> None:
         self.state = state
         self.token = token
@@ -43,6 +44,7 @@ class DiscordRoutes:
         self.message_events = message_events
         self.callback_deadline = callback_deadline
         self.application_flags = application_flags
+        self.recommended_shards = recommended_shards
 
     def register(self, router: RestRouter) -> None:
         s, add = self, router.add
@@ -89,7 +91,8 @@ class DiscordRoutes:
 
     async def get_gateway_bot(self, req: Incoming) -> Any:
         limit = {"total": 1000, "remaining": 999, "reset_after": 86_400_000, "max_concurrency": 1}
-        return {"url": self.gateway_url(), "shards": 1, "session_start_limit": limit}
+        # What AutoShardedClient without a shard_count launches; Discord's is about one per 1,000 guilds.
+        return {"url": self.gateway_url(), "shards": self.recommended_shards(), "session_start_limit": limit}
 
     async def create_dm(self, req: Incoming) -> Any:
         recipient = self.state.users.get(str((req.json or {}).get("recipient_id")))

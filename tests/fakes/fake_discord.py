@@ -10,6 +10,11 @@ The fake keeps Discord's state (guilds, channels, messages, synced commands, int
 enforces the rules a bot trips over (respond once, within the deadline; follow-ups only
 after a response; 2000-character messages; no empty messages) and records every REST
 call and gateway frame for tests to assert on.
+
+Sharding: `FakeDiscord(shards=2)` recommends two shards in GET /gateway/bot,
+`add_guild(..., shard=(1, 2))` makes a guild shard 1 of 2 owns, and each shard's session
+gets only its own guilds' events (discord_gateway.py); `delivered_on(payload)` says which
+shard delivered an interaction.
 """
 
 from __future__ import annotations
@@ -50,8 +55,10 @@ class FakeDiscord:
         callback_deadline: float | None = 3.0,
         heartbeat_interval_ms: int = 41250,
         allowed_intents: int = PRIVILEGED_INTENTS,
+        shards: int = 1,
     ) -> None:
         self.token = token
+        self.recommended_shards = shards  # what GET /gateway/bot answers; may be changed before a client starts
         self.allowed_intents = allowed_intents
         application_id = obj.snowflake()
         # Since 2021, a bot user's id equals its application's id.
@@ -71,6 +78,7 @@ class FakeDiscord:
             message_events=self._message_event,
             callback_deadline=callback_deadline,
             application_flags=self.application_flags,
+            recommended_shards=lambda: self.recommended_shards,
         ).register(self.router)
         register_threads(self.router, self.state, self._thread_event)
         self.base_url = ""
@@ -131,9 +139,13 @@ class FakeDiscord:
             guild["member_count"] += 1
         return user
 
-    def add_guild(self, name: str, *, channel_names: tuple[str, ...] = ("general",)) -> dict[str, Any]:
-        """A guild the bot is in, with text channels; every known user is a member. Sent on IDENTIFY."""
-        guild_id = obj.snowflake()
+    def add_guild(self, name: str, *, channel_names: tuple[str, ...] = ("general",),
+                  shard: tuple[int, int] | None = None) -> dict[str, Any]:
+        """A guild the bot is in, with text channels; every known user is a member. Sent on IDENTIFY.
+
+        shard=(id, count): its id is one that shard owns when the bot runs `count` shards.
+        """
+        guild_id = obj.snowflake(shard=shard)
         channels = [obj.text_channel(obj.snowflake(), guild_id, n, position=i) for i, n in enumerate(channel_names)]
         members = [obj.member(self.bot_user), *(obj.member(u) for u in self.state.users.values())]
         guild = obj.guild(guild_id, name, owner_id=self.user["id"], channels=channels, members=members)
@@ -210,8 +222,14 @@ class FakeDiscord:
         return await self.gateway.dispatch(event, data)
 
     async def interact(self, payload: dict[str, Any]) -> InteractionRecord:
-        await self.dispatch("INTERACTION_CREATE", payload)
+        if not await self.dispatch("INTERACTION_CREATE", payload):
+            raise RuntimeError(f"no gateway session owns guild {payload.get('guild_id')}: is its shard connected?")
         return self.state.interactions[payload["id"]]
+
+    def delivered_on(self, payload: dict[str, Any]) -> list[int | None]:
+        """The shard (None: unsharded) of each connection that sent this interaction to the client."""
+        return [f.shard for f in self.frames
+                if f.direction == "send" and f.t == "INTERACTION_CREATE" and f.d["id"] == payload["id"]]
 
     async def user_message(self, content: str, *, user: dict[str, Any] | None = None,
                            channel: dict[str, Any] | None = None) -> dict[str, Any]:
