@@ -68,3 +68,13 @@ def test_quality_bench_openings_are_neutral():
         assert detect_genre(opening).matched == (), opening
         words = set(re.findall(r"[a-z][a-z\-]*", opening.lower()))
         assert not words & names, opening
+
+
+def test_scale_bench_smoke_run():
+    result = subprocess.run([sys.executable, "benchmarks/scale_bench.py", "--smoke", "--model", "tiny"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = dict(line.split(": ", 1) for line in result.stdout.splitlines() if not line.startswith("#"))
+    assert float(figures["stories_per_s_2"]) > 0 and float(figures["router_cpu_us_per_token_1"]) > 0
+    assert figures["failover_lost"] == "0" and int(figures["failover_stories"]) > 0
+    assert re.fullmatch(r"scale_efficiency_2: \d+\.\d\d", result.stdout.strip().splitlines()[-1])
