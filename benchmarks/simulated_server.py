@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 
 from aiohttp import web
@@ -39,6 +40,7 @@ class SimulatedServer:
         self.aborted = 0  # streams the client closed before the finish
         self.tokens = 0
         self._slots = asyncio.Semaphore(slots)
+        self._random = random.Random(port or id(self))
         self._runner: web.AppRunner | None = None
 
     @property
@@ -97,7 +99,8 @@ class SimulatedServer:
                     if self.mode == "cut" and sent >= self.cut_after:
                         request.transport.close()  # the server dies mid-stream
                         return response
-                    await asyncio.sleep(1.0 / self.tokens_per_s)
+                    # A GPU's step time varies with what else is in its batch: ±50 % around the mean.
+                    await asyncio.sleep(self._random.uniform(0.5, 1.5) / self.tokens_per_s)
                     await _event(response, {**meta, "choices": [{"index": 0, "text": self.piece or f" w{i}", "logprobs": None,
                                                                    "finish_reason": None}]})
                     sent += 1

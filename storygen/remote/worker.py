@@ -46,7 +46,6 @@ class RemoteWorker(QueueFront):
                  probe_interval_s: float = PROBE_INTERVAL_S) -> None:
         super().__init__(lm, config, metrics)
         self.pool = BackendPool(config, self.metrics, self._room_changed, probe_interval_s)
-        self._wakeup: asyncio.Event | None = None
         self._tasks: dict[str, asyncio.Task] = {}  # running request id -> the task streaming it
         self._aborting: dict[str, StorygenError] = {}  # running request id -> why it is being stopped
         self._resuming = 0  # stories waiting for another server; they go before new ones
@@ -58,12 +57,21 @@ class RemoteWorker(QueueFront):
         return max(1, self.pool.capacity)
 
     def _wake(self) -> None:
-        if self._loop is not None and self._wakeup is not None:
-            self._loop.call_soon_threadsafe(self._wakeup.set)
+        if self._loop is None:
+            return
+        try:
+            on_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            self._admit()
+        else:
+            self._loop.call_soon_threadsafe(self._admit)
 
     def _room_changed(self) -> None:
-        if self._wakeup is not None:
-            self._wakeup.set()
+        # Admit at once, in the same turn of the loop: waking a dispatcher instead cost a loop turn
+        # (~10 ms under load) per freed slot, and the slots freed meanwhile then refilled together.
+        self._admit()
 
     def _abort_running(self, request_id: str) -> None:
         task = self._tasks.get(request_id)
@@ -78,7 +86,6 @@ class RemoteWorker(QueueFront):
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._wakeup = asyncio.Event()
         await self.pool.start()
         self._state = "running"
         self._dispatcher = asyncio.create_task(self._dispatch(), name="remote dispatcher")
@@ -119,23 +126,26 @@ class RemoteWorker(QueueFront):
     # --- admitting ---------------------------------------------------------------------------
 
     async def _dispatch(self) -> None:
-        assert self._wakeup is not None
+        """The clock: deadlines of queued stories, and giving up without servers. Admitting is `_admit`."""
         while self._state in SERVING:
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), TICK_S)
-            except TimeoutError:
-                pass
-            self._wakeup.clear()
+            await asyncio.sleep(TICK_S)
             with self._cond:
                 now = time.monotonic()
                 self._expire(now)
                 self._give_up_without_servers(now)
-                while len(self._queue) and not self._resuming and (backend := self.pool.take()) is not None:
-                    _, job = self._queue.pop()
-                    self._tasks[job.seq.seq_id] = asyncio.create_task(self._write(job, backend),
-                                                                      name=f"story {job.seq.seq_id}")
-                self.metrics.queue_depth = len(self._queue)
-                self.metrics.running = len(self._tasks)
+            self._admit()
+
+    def _admit(self) -> None:
+        """On the loop: start queued stories, in the fair queue's order, while a server has room."""
+        if self._state not in SERVING:
+            return
+        with self._cond:
+            while len(self._queue) and not self._resuming and (backend := self.pool.take()) is not None:
+                _, job = self._queue.pop()
+                self._tasks[job.seq.seq_id] = asyncio.create_task(self._write(job, backend),
+                                                                  name=f"story {job.seq.seq_id}")
+            self.metrics.queue_depth = len(self._queue)
+            self.metrics.running = len(self._tasks)
 
     def _expire(self, now: float) -> None:
         """Holding the lock: drop queued requests past their deadline."""
@@ -159,7 +169,6 @@ class RemoteWorker(QueueFront):
 
     async def _another_server(self, job: Job) -> Backend:
         """A server for a story whose server failed, ahead of new stories; raises when none comes back in time."""
-        assert self._wakeup is not None
         self._resuming += 1
         try:
             waited_since = time.monotonic()
@@ -172,7 +181,7 @@ class RemoteWorker(QueueFront):
             return backend
         finally:
             self._resuming -= 1
-            self._wakeup.set()
+            self._admit()
 
     # --- writing -----------------------------------------------------------------------------
 
