@@ -25,7 +25,8 @@ MODES = ("ok", "500", "stall", "malformed", "cut")
 
 class SimulatedServer:
     def __init__(self, slots: int = 8, tokens_per_s: float = 50.0, model: str = "sim", owned_by: str = "vllm",
-                 stop_after: int | None = None, port: int = 0, cut_after: int = 3, piece: str | None = None) -> None:
+                 stop_after: int | None = None, port: int = 0, cut_after: int = 3, piece: str | None = None,
+                 takes_ids: bool = True) -> None:
         self.slots = slots
         self.tokens_per_s = tokens_per_s
         self.model = model
@@ -34,6 +35,7 @@ class SimulatedServer:
         self.cut_after = cut_after  # tokens a "cut" stream sends before the connection drops
         self.port = port
         self.piece = piece  # every token's text; None: " w<n>"
+        self.takes_ids = takes_ids  # False: a prompt of token ids is refused with 400, as some servers do
         self.mode = "ok"
         self.requests: list[dict] = []
         self.completed = 0  # streams that ran to their finish
@@ -83,6 +85,9 @@ class SimulatedServer:
         self.requests.append(body)
         if self.mode in ("500", "stall"):
             return await self._bad(self.mode)
+        if not self.takes_ids and not isinstance(body.get("prompt"), str):
+            return web.json_response({"error": {"message": "'prompt' must be a string", "type": "invalid_request_error",
+                                                "param": "prompt"}}, status=400)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         if self.mode == "malformed":

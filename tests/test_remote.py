@@ -268,3 +268,15 @@ async def test_python_m_bot_on_a_remote_server_serves_stories_and_says_when_none
     assert "generation servers: 1 of 1 in rotation" in log
     assert "taken out of rotation" in log or "out of rotation" in log
     assert "HTTP Request" not in log  # the client's own per-request lines stay out of the log
+
+
+async def test_a_server_that_takes_no_token_ids_gets_text_prompts_and_it_is_said(remote_lm, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="storygen.remote")
+    async with servers(1, tokens_per_s=200, takes_ids=False) as (a,), \
+            pool_worker(remote_lm, tmp_path, [a.url]) as worker:
+        stories = [await (await worker.submit(request(i))) for i in range(2)]
+    assert all(s.text.startswith("The lighthouse keeper w0") for s in stories)
+    assert [type(b["prompt"]).__name__ for b in a.requests] == ["list", "str", "str"]  # asked once, then text
+    assert "The lighthouse keeper" in a.requests[1]["prompt"] and "<|im_start|>" in a.requests[1]["prompt"]
+    assert caplog.text.count("refused a prompt of token ids") == 1
+    assert worker.health()["backends"][0]["up"]  # a refusal of the request, not a failure of the server

@@ -82,6 +82,7 @@ class Backend:
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.session: aiohttp.ClientSession | None = None  # the pool's, set when it starts
         self.dialect = "openai"
+        self.text_prompts = False  # it refused token ids: prompts go as text
         self.up = False
         self.inflight = 0
         self.last_error: str | None = None
@@ -140,14 +141,33 @@ class Backend:
 
     async def complete(self, prompt_ids: list[int], params: SamplingParams, seed: int, max_tokens: int,
                        stop_ids: frozenset[int], user: str, on_text: Callable[[str], None],
-                       on_first: Callable[[float], None] | None = None) -> Segment:
+                       on_first: Callable[[float], None] | None = None,
+                       decode: Callable[[list[int]], str] | None = None) -> Segment:
         """Stream one completion, handing each piece of text to `on_text`.
 
         Raises BackendFailure when the server fails (refused, timed out, 5xx, a malformed or cut
         stream) and RequestRefused when it says the request is wrong. Cancelling the task that
         awaits this closes the stream, which aborts the request on vLLM, llama.cpp and StoryBot.
+        A server that refuses a prompt of token ids gets the prompt as text (`decode`) from then on.
         """
         body = self.request_body(prompt_ids, params, seed, max_tokens, stop_ids, user)
+        if self.text_prompts and decode is not None:
+            body["prompt"] = decode(prompt_ids)
+            return await self._stream(body, on_text, on_first)
+        try:
+            return await self._stream(body, on_text, on_first)
+        except RequestRefused as refused:
+            if decode is None or refused.status not in (400, 422) or self.text_prompts:
+                raise
+            self.text_prompts = True
+            logger.warning("%s refused a prompt of token ids (%s); sending prompts as text from now on: a "
+                           "control token typed by a user then reaches it as text its tokenizer may read as "
+                           "that token", self.url, refused.message)
+            body["prompt"] = decode(prompt_ids)
+            return await self._stream(body, on_text, on_first)
+
+    async def _stream(self, body: dict, on_text: Callable[[str], None],
+                      on_first: Callable[[float], None] | None) -> Segment:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(self.timeout_s, 5.0), sock_read=self.timeout_s)
         started = time.monotonic()
         pieces, finish, usage = 0, None, None

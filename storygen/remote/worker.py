@@ -215,7 +215,7 @@ class RemoteWorker(QueueFront):
                     try:
                         segment = await backend.complete(
                             ids, params, seed + attempt, params.length - done, self.lm.stop_ids, user, on_text,
-                            lambda s, b=backend: self.metrics.backend_ttft(b.url, s))
+                            lambda s, b=backend: self.metrics.backend_ttft(b.url, s), self._decode)
                         finish = segment.finish_reason
                         self.pool.succeeded(backend)
                         counted = None if counted is None or segment.completion_tokens is None else \
@@ -287,6 +287,11 @@ class RemoteWorker(QueueFront):
 
     def _count(self, text: str) -> int:
         return len(self._encode(text)) if text else 0
+
+    def _decode(self, ids: list[int]) -> str:
+        """A prompt as text, control tokens included, for a server that takes no token ids."""
+        with self._tokenizer_lock:
+            return self.lm.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def _encode(self, text: str) -> list[int]:
         with self._tokenizer_lock:
