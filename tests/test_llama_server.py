@@ -22,8 +22,7 @@ from storygen.model import default_gguf_path, load_tokenizer
 from storygen.remote.worker import RemoteWorker
 from storygen.sampling import SamplingParams
 from storygen.stories import StoryRequest
-from tests.test_remote import streamed, until
-from tests.test_remote_storybots import _free_port
+from tests.remote_helpers import free_port, streamed, until
 
 BINARY = os.environ.get("LLAMA_SERVER", "")
 pytestmark = pytest.mark.skipif(not (BINARY and os.access(BINARY, os.X_OK)),
@@ -41,7 +40,7 @@ def gguf() -> Path:
 
 @pytest.fixture
 async def llama_server(gguf):
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen([BINARY, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", "2",
                                 "-np", "2", "-c", "4096", "--no-webui"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

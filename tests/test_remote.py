@@ -22,6 +22,7 @@ from storygen.remote.worker import RemoteWorker
 from storygen.sampling import SamplingParams
 from storygen.stories import StoryRequest, prepare
 from tests.conftest import tiny_config
+from tests.remote_helpers import free_port, streamed, until
 
 
 @pytest.fixture(scope="module")
@@ -55,22 +56,6 @@ async def pool_worker(lm, tmp_path, urls, **changes):
 
 def request(i: int, length: int = 12, prompt: str = "The lighthouse keeper", **kw) -> StoryRequest:
     return StoryRequest(f"r{i}", f"api:user{i}", "horror", prompt, SamplingParams(length=length, **kw))
-
-
-async def streamed(handle) -> tuple[str, object]:
-    chunks = [chunk async for chunk in handle]
-    try:
-        return "".join(chunks), await handle
-    except Exception as error:  # noqa: BLE001  (the test looks at it)
-        return "".join(chunks), error
-
-
-async def until(condition, timeout: float = 5.0) -> None:
-    for _ in range(int(timeout / 0.02)):
-        if condition():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not met in time")
 
 
 async def test_stories_spread_over_the_servers_and_arrive_whole(remote_lm, tmp_path):
@@ -215,9 +200,7 @@ async def test_python_m_bot_on_a_remote_server_serves_stories_and_says_when_none
 
     import aiohttp
 
-    from tests.test_remote_storybots import _free_port
-
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HTTP_PORT": str(port),
            "STORYGEN_MODEL": str(tiny_dirs["instruct"]), "STORYGEN_FORMAT": "instruct",
            "STORYGEN_SETTINGS_DB": str(tmp_path / "bot.sqlite3"), "STORYGEN_CACHE_DIR": str(tmp_path),

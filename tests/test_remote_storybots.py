@@ -26,25 +26,17 @@ from storygen.remote.worker import RemoteWorker
 from storygen.sampling import SamplingParams
 from storygen.stories import StoryRequest
 from tests.conftest import tiny_config
-from tests.test_remote import streamed, until
+from tests.remote_helpers import free_port, streamed, until
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "backend-key-0123456789"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class StoryBotProcess:
     """`python -m bot` serving /v1/completions on a port of its own."""
 
     def __init__(self, model_dir: Path, tmp: Path, name: str) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.env = {**os.environ, "PYTHONPATH": str(ROOT), "HTTP_PORT": str(self.port), "HTTP_API_KEYS": KEY,
                     "STORYGEN_MODEL": str(model_dir), "STORYGEN_FORMAT": "instruct", "STORYGEN_DEVICE": "cpu",
