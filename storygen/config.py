@@ -142,7 +142,7 @@ class StorygenConfig:
     limits: SamplingLimits = SamplingLimits()
     max_prompt_chars: int = 600
     max_batch: int = 0  # 0: pick for the device (see worker)
-    prefix_cache_mb: int = 0  # KV of shared prompt prefixes kept for reuse (prefix_cache.py); 0: off
+    prefix_cache_mb: int = 64  # KV of shared prompt prefixes kept for reuse (prefix_cache.py); 0: off
     max_queue: int = 64
     max_per_user: int = 2
     deadline_s: float = 600.0
@@ -188,7 +188,7 @@ class StorygenConfig:
             limits=limits,
             max_prompt_chars=env.int("STORYGEN_MAX_PROMPT_CHARS", 600, 1, 20_000),
             max_batch=env.int("STORYGEN_MAX_BATCH", 0, 0, 1024),
-            prefix_cache_mb=env.int("STORYGEN_PREFIX_CACHE_MB", 0, 0, 1_000_000),
+            prefix_cache_mb=env.int("STORYGEN_PREFIX_CACHE_MB", 64, 0, 1_000_000),
             max_queue=env.int("STORYGEN_MAX_QUEUE", 64, 1, 100_000),
             max_per_user=env.int("STORYGEN_MAX_PER_USER", 2, 1, 1000),
             deadline_s=env.float("STORYGEN_DEADLINE_S", 600.0, 1, 86_400),

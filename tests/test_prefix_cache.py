@@ -131,10 +131,12 @@ def test_a_cache_too_small_for_the_prompts_evicts_and_changes_nothing(tiny_lms):
 
 
 def test_the_setting_and_the_worker(tiny_lms, tmp_path):
-    assert StorygenConfig.from_env(Env({}, env_file=None)).prefix_cache_mb == 0
+    assert StorygenConfig.from_env(Env({}, env_file=None)).prefix_cache_mb == 64
+    assert StorygenConfig.from_env(Env({"STORYGEN_PREFIX_CACHE_MB": "0"}, env_file=None)).prefix_cache_mb == 0
     assert StorygenConfig.from_env(Env({"STORYGEN_PREFIX_CACHE_MB": "64"}, env_file=None)).prefix_cache_mb == 64
     lm = tiny_lms["instruct"]
-    assert Worker(lm, tiny_config(lm.name, "instruct", tmp_path)).engine.prefix_cache is None
+    assert Worker(lm, tiny_config(lm.name, "instruct", tmp_path, prefix_cache_mb=0)).engine.prefix_cache is None
+    assert Worker(lm, tiny_config(lm.name, "instruct", tmp_path)).engine.prefix_cache.max_bytes == 64 << 20
     worker = Worker(lm, tiny_config(lm.name, "instruct", tmp_path, prefix_cache_mb=8))
     assert worker.engine.prefix_cache.max_bytes == 8 << 20
 

@@ -62,7 +62,8 @@ async def test_batched_worker_matches_sequential_greedy(lm, tmp_path):
 
 
 async def test_queued_prompts_are_prefilled_together_within_the_token_budget(lm, tmp_path, gate):
-    async with Worker(lm, _config(lm, tmp_path, max_per_user=10)) as worker:
+    # Without the prefix cache: the gate records what each prefill computes, here the whole prompts.
+    async with Worker(lm, _config(lm, tmp_path, max_per_user=10, prefix_cache_mb=0)) as worker:
         gate.open.clear()  # the first request holds the engine in its prefill while the rest queue
         handles = [await worker.submit(_request(0))]
         await _until(gate.entered.is_set)
@@ -79,7 +80,7 @@ async def test_queued_prompts_are_prefilled_together_within_the_token_budget(lm,
 
 
 async def test_fair_order_newcomer_waits_one_slot(lm, tmp_path, gate):
-    config = _config(lm, tmp_path, max_batch=1, max_per_user=30)
+    config = _config(lm, tmp_path, max_batch=1, max_per_user=30, prefix_cache_mb=0)  # whole prompts reach the gate
     async with Worker(lm, config) as worker:
         gate.open.clear()  # hold the engine while the queue fills
         flood = [await worker.submit(_request(i, "api:x", params=replace(GREEDY, length=3))) for i in range(6)]
