@@ -1,6 +1,10 @@
+import os
 import re
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -78,3 +82,94 @@ def test_scale_bench_smoke_run():
     assert float(figures["stories_per_s_2"]) > 0 and float(figures["router_cpu_us_per_token_1"]) > 0
     assert figures["failover_lost"] == "0" and int(figures["failover_stories"]) > 0
     assert re.fullmatch(r"scale_efficiency_2: \d+\.\d\d", result.stdout.strip().splitlines()[-1])
+# ---- peer_bench.py: ours against a real OpenAI-compatible server on loopback
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _bench_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "STORYGEN_DEVICE": "cpu", "STORYGEN_DTYPE": "float32", "STORYGEN_CACHE_DIR": str(tmp_path),
+           "STORYGEN_SETTINGS_DB": str(tmp_path / "bench.sqlite3"), **extra}
+    env.pop("LLAMA_SERVER", None)
+    return env
+
+
+def _check_peer_bench_output(result: subprocess.CompletedProcess) -> dict[str, str]:
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert re.fullmatch(r"peer_ratio_16: \d+\.\d\d", lines[-2]) and re.fullmatch(r"peer_ratio_1: \d+\.\d\d", lines[-1])
+    assert sum(line.startswith(("# N=16 round 1:", "# N=1 round 1:")) for line in lines) == 2
+    figures = dict(line.split(": ", 1) for line in lines if not line.startswith("#"))
+    for side in ("ours", "peer"):
+        for n in (1, 16):
+            assert float(figures[f"{side}_tok_s_{n}"]) > 0 and float(figures[f"{side}_ttft_p50_{n}"]) > 0
+    return figures
+
+
+@pytest.fixture
+def storybot_peer(tiny_dirs, tmp_path):
+    """`python -m bot`, HTTP only, on the tiny instruct model: an OpenAI-compatible /v1/completions."""
+    port = _free_port()
+    env = _bench_env(tmp_path / "bot", HTTP_PORT=str(port), STORYGEN_MODEL=str(tiny_dirs["instruct"]),
+                     STORYGEN_FORMAT="instruct", STORYGEN_MAX_PER_USER="32", BOT_SHUTDOWN_GRACE_S="0",
+                     PYTHONPATH=str(ROOT))
+    for key in ("DISCORD_TOKEN", "SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "HTTP_API_KEYS"):
+        env.pop(key, None)
+    (tmp_path / "bot").mkdir()
+    bot = subprocess.Popen([sys.executable, "-m", "bot"], cwd=tmp_path / "bot", env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                with urllib.request.urlopen(url + "/healthz", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert bot.poll() is None, "python -m bot exited"
+            time.sleep(0.1)
+        else:
+            raise AssertionError("python -m bot did not become healthy")
+        yield url
+    finally:
+        bot.terminate()
+        bot.wait(30)
+
+
+def test_peer_bench_smoke_run_against_our_own_http_service(storybot_peer, tiny_dirs, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "benchmarks/peer_bench.py", "--smoke", "--model", str(tiny_dirs["instruct"]),
+         "--peer-url", storybot_peer, "--peer-prompt", "text"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env=_bench_env(tmp_path, STORYGEN_FORMAT="instruct", STORYGEN_MAX_PER_USER="32"),
+    )
+    _check_peer_bench_output(result)
+    assert "peer: " + storybot_peer + " (storybot)" in result.stdout  # the name came from its /v1/models
+    assert "warning" not in result.stdout  # the peer read each prompt at the length ours did
+
+
+@pytest.mark.skipif(not os.environ.get("LLAMA_SERVER"), reason="set LLAMA_SERVER to a llama-server binary "
+                    "(bash ../shared/peers/build-llama-server.sh)")
+def test_peer_bench_smoke_run_against_llama_server(tmp_path):
+    env = {**os.environ, "STORYGEN_DEVICE": "cpu"}  # the default model, so the peer can load its GGUF
+    result = subprocess.run([sys.executable, "benchmarks/peer_bench.py", "--smoke"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, env=env)
+    figures = _check_peer_bench_output(result)
+    assert "warning" not in result.stdout  # llama-server read our token ids as they are
+    rounds = [line for line in result.stdout.splitlines() if line.startswith("# N=")]
+    assert all(line.count("(8 tokens)") == 2 for line in rounds if line.startswith("# N=1 "))  # ignore_eos, both
+    assert all(line.count("(128 tokens)") == 2 for line in rounds if line.startswith("# N=16 "))
+    assert 0 <= float(figures["peer_cached_prompt_share"]) <= 1
+
+
+def test_peer_bench_without_a_peer_says_how_to_get_one(tmp_path):
+    result = subprocess.run([sys.executable, "benchmarks/peer_bench.py", "--smoke"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, env=_bench_env(tmp_path))
+    assert result.returncode != 0 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "build-llama-server.sh" in lines[0] and "LLAMA_SERVER=" in lines[0], result.stderr
