@@ -27,6 +27,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ONEDNN_MODES = ("auto", "true", "false")
 BACKENDS = ("local", "openai")
+INT8_MODES = ("auto", "true", "false")
 
 
 class Secret:
@@ -136,6 +137,7 @@ class StorygenConfig:
     device: str = "auto"
     dtype: str = "auto"
     onednn: str = "auto"  # on a CPU, pack linear layers for oneDNN: auto (fp32 only), true (bf16 too), false
+    int8: str = "auto"  # on a CPU, int8 copies of the weights for batches of up to 4 (int8.py): auto (bf16), true, false
     cache_dir: Path = field(default_factory=_default_cache_dir)
     default_genre: str = "auto"
     defaults: SamplingParams = SamplingParams()
@@ -182,6 +184,7 @@ class StorygenConfig:
             device=env.choice("STORYGEN_DEVICE", "auto", DEVICES),
             dtype=env.choice("STORYGEN_DTYPE", "auto", DTYPES),
             onednn=_onednn_mode(env),
+            int8=env.choice("STORYGEN_INT8", "auto", INT8_MODES),
             cache_dir=env.path("STORYGEN_CACHE_DIR", _default_cache_dir()),
             default_genre=env.str("STORYGEN_DEFAULT_GENRE", "auto"),
             defaults=defaults,

@@ -24,6 +24,8 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Gener
 from storygen.config import StorygenConfig
 from storygen.endings import sentence_end_tokens
 from storygen.errors import ModelLoadError
+from storygen.int8 import add_int8_copies
+from storygen.int8 import can_use as can_use_int8
 from storygen.onednn import can_pack, pack_linears
 from storygen.prompts import FormatSpec, control_ids, control_strings, read_metadata, resolve_format
 
@@ -197,6 +199,8 @@ def load_model(config: StorygenConfig) -> LoadedModel:
     model.to(device).eval()
     if can_pack(device, dtype, config.onednn):
         logger.info("packed %s linear layers for oneDNN", pack_linears(model))
+    if can_use_int8(device, dtype, config.int8):
+        logger.info("int8 copies of %s linear layers for small batches", add_int8_copies(model))
     lm = _assemble(config, source, model_id, local, tokenizer, model, model.config,
                    model.generation_config.eos_token_id, device, dtype)
     logger.info("loaded %s (%s format) on %s as %s", model_id, lm.spec.format, device, dtype)

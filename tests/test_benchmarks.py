@@ -173,3 +173,13 @@ def test_peer_bench_without_a_peer_says_how_to_get_one(tmp_path):
     assert result.returncode != 0 and result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "build-llama-server.sh" in lines[0] and "LLAMA_SERVER=" in lines[0], result.stderr
+
+
+@pytest.mark.skipif(not DEV_PLOTS.is_file(), reason="needs ../shared/data/genre_plots_dev.txt")
+def test_int8_bench_smoke_run():
+    result = subprocess.run([sys.executable, "benchmarks/int8_bench.py", "--model", "tiny", "--plots", "2",
+                             "--tokens", "8"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = dict(line.split(": ", 1) for line in result.stdout.splitlines() if not line.startswith("#"))
+    assert abs(float(figures["perplexity_ratio"]) - 1) < 0.05
+    assert re.fullmatch(r"step_speedup: \d+\.\d\d", result.stdout.strip().splitlines()[-1])
