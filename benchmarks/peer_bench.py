@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from storygen import model_thread  # noqa: E402
 from storygen.config import StorygenConfig  # noqa: E402
+from storygen.logs import quiet_libraries  # noqa: E402
 from storygen.errors import StorygenError  # noqa: E402
 from storygen.model import LoadedModel, default_gguf_path, load_model  # noqa: E402
 from storygen.stories import StoryRequest, prepare  # noqa: E402
@@ -266,6 +267,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    quiet_libraries()  # no progress bars or library warnings between the figures
     if args.smoke:
         args.n, args.tokens, args.rounds = "1,16", 8, 1
     ns = sorted({int(n) for n in args.n.split(",")})

@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from storygen import model_thread  # noqa: E402
 from storygen.config import StorygenConfig  # noqa: E402
+from storygen.logs import quiet_libraries  # noqa: E402
 from storygen.engine import Engine, Sequence  # noqa: E402
 from storygen.kvcache import cache_argument  # noqa: E402
 from storygen.model import LoadedModel, load_model  # noqa: E402
@@ -134,6 +135,7 @@ def step_overhead(lm: LoadedModel, prompt_ids: list[int], steps: int = 48) -> fl
 
 
 def main(argv: list[str] | None = None) -> None:
+    quiet_libraries()  # no progress bars or library warnings between the figures
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=16, help="concurrent requests per round")
     parser.add_argument("--new-tokens", type=int, default=64, help="new tokens per request")
