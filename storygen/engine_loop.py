@@ -44,11 +44,7 @@ class EngineLoop:
 
     def _expire_and_abort(self, now: float) -> None:
         """Holding the lock: drop queued requests past their deadline, stop running ones that must stop."""
-        for key, job in list(self._queue.items()):
-            if now > job.deadline:
-                self._queue.remove(key)
-                self._settle(job, None, DeadlineExceededError(job.deadline - job.submitted), "failed",
-                             admitted=False, outcome="expired")
+        self._expire_queued(now)
         for seq in list(self.engine.rows):
             job = self._jobs[seq.seq_id]
             reason = self._aborts.pop(seq.seq_id, None)

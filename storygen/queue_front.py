@@ -21,7 +21,7 @@ import time
 
 from storygen.config import StorygenConfig
 from storygen.engine import Sequence
-from storygen.errors import RequestCancelledError, StorygenError, WorkerUnavailableError
+from storygen.errors import DeadlineExceededError, RequestCancelledError, StorygenError, WorkerUnavailableError
 from storygen.handle import StoryHandle
 from storygen.jobs import UNAVAILABLE, Job
 from storygen.metrics import Metrics
@@ -85,6 +85,14 @@ class QueueFront:
         while self._jobs and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         return not self._jobs
+
+    def _expire_queued(self, now: float) -> None:
+        """Holding the lock: drop queued requests past their deadline."""
+        for key, job in list(self._queue.items()):
+            if now > job.deadline:
+                self._queue.remove(key)
+                self._settle(job, None, DeadlineExceededError(job.deadline - job.submitted), "failed",
+                             admitted=False, outcome="expired")
 
     def _fail_all(self, error: StorygenError) -> None:
         """Holding the lock: settle every job in hand, queued or running, with `error`."""

@@ -131,7 +131,7 @@ class RemoteWorker(QueueFront):
             await asyncio.sleep(TICK_S)
             with self._cond:
                 now = time.monotonic()
-                self._expire(now)
+                self._expire_queued(now)
                 self._give_up_without_servers(now)
             self._admit()
 
@@ -146,14 +146,6 @@ class RemoteWorker(QueueFront):
                                                                   name=f"story {job.seq.seq_id}")
             self.metrics.queue_depth = len(self._queue)
             self.metrics.running = len(self._tasks)
-
-    def _expire(self, now: float) -> None:
-        """Holding the lock: drop queued requests past their deadline."""
-        for key, job in list(self._queue.items()):
-            if now > job.deadline:
-                self._queue.remove(key)
-                self._settle(job, None, DeadlineExceededError(job.deadline - job.submitted), "failed",
-                             admitted=False, outcome="expired")
 
     def _give_up_without_servers(self, now: float) -> None:
         """Holding the lock: with no server for a while, queued stories fail rather than wait on."""
