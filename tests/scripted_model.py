@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -114,3 +115,20 @@ class ScriptedModel:
         if last in self.sentences[:-1]:
             return self.sentences[self.sentences.index(last) + 1]
         return self.stop
+
+
+# The fixtures the Discord tests share: one scripted model for the session, a fresh script per test.
+# A test module takes them with `from tests.scripted_model import model, scripted_lm`.
+
+
+@pytest.fixture(scope="session")
+def scripted_lm(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("scripted")
+    return build_scripted_model(tmp / "model", tmp)
+
+
+@pytest.fixture
+def model(scripted_lm):
+    scripted = ScriptedModel(scripted_lm)
+    yield scripted
+    scripted.close()

@@ -26,7 +26,7 @@ from storygen.settings import SettingsStore
 from storygen.worker import Worker
 from tests.conftest import tiny_config
 from tests.fakes import discord_objects as obj
-from tests.scripted_model import LONG, ScriptedModel, build_scripted_model
+from tests.scripted_model import LONG, ScriptedModel, model, scripted_lm  # noqa: F401  (fixtures)
 
 CALLBACK = "POST /interactions/{interaction_id}/{interaction_token}/callback"
 EDIT = "PATCH /webhooks/{application_id}/{interaction_token}/messages/{message_id}"
@@ -36,19 +36,6 @@ CHANNEL_EDIT = "PATCH /channels/{channel_id}/messages/{message_id}"
 ADMIN = str(int(obj.MEMBER_PERMISSIONS) | 1 << 5)  # Manage Server
 STORY = "The ship drifted. Stars went out. Nobody answered."
 RAW_MENTION = re.compile(r"<@[!&]?\d|@(everyone|here)")  # what would ping; a <#channel> link does not
-
-
-@pytest.fixture(scope="session")
-def scripted_lm(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("scripted")
-    return build_scripted_model(tmp / "model", tmp)
-
-
-@pytest.fixture
-def model(scripted_lm):
-    scripted = ScriptedModel(scripted_lm)
-    yield scripted
-    scripted.close()
 
 
 @contextlib.asynccontextmanager

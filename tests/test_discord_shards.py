@@ -20,25 +20,12 @@ from tests.conftest import running_service, tiny_config
 from tests.fakes.discord_fixtures import connected
 from tests.fakes.discord_objects import shard_of
 from tests.fakes.fake_discord import FakeDiscord
-from tests.scripted_model import ScriptedModel, build_scripted_model
+from tests.scripted_model import model, scripted_lm  # noqa: F401  (fixtures)
 
 CALLBACK = "POST /interactions/{interaction_id}/{interaction_token}/callback"
 EDIT = "PATCH /webhooks/{application_id}/{interaction_token}/messages/{message_id}"
 STORY = "The ship drifted. Stars went out. Nobody answered."
 IDENTIFY = 2
-
-
-@pytest.fixture(scope="session")
-def scripted_lm(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("scripted")
-    return build_scripted_model(tmp / "model", tmp)
-
-
-@pytest.fixture
-def model(scripted_lm):
-    scripted = ScriptedModel(scripted_lm)
-    yield scripted
-    scripted.close()
 
 
 @pytest.fixture

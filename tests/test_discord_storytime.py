@@ -11,8 +11,6 @@ import asyncio
 import contextlib
 from datetime import datetime, timezone
 
-import pytest
-
 from bot import messages
 from bot.config import BotConfig
 from bot.discord.adapter import DiscordFrontEnd
@@ -27,7 +25,7 @@ from storygen.settings import SettingsStore
 from storygen.worker import Worker
 from tests.conftest import tiny_config
 from tests.fakes.discord_threads import PUBLIC_THREAD
-from tests.scripted_model import SENTENCES, ScriptedModel, build_scripted_model
+from tests.scripted_model import SENTENCES, model, scripted_lm  # noqa: F401  (fixtures)
 from tests.storytime_helpers import Clock
 
 CALLBACK = "POST /interactions/{interaction_id}/{interaction_token}/callback"
@@ -35,19 +33,6 @@ FOLLOWUP = "POST /webhooks/{application_id}/{interaction_token}"
 CHANNEL_POST = "POST /channels/{channel_id}/messages"
 LIMITS = StorytimeLimits(turn_timeout_s=300, vote_timeout_s=60)
 MODEL_LINE = "".join(SENTENCES).strip()  # what the scripted model writes, every time
-
-
-@pytest.fixture(scope="session")
-def scripted_lm(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("scripted")
-    return build_scripted_model(tmp / "model", tmp)
-
-
-@pytest.fixture
-def model(scripted_lm):
-    scripted = ScriptedModel(scripted_lm)
-    yield scripted
-    scripted.close()
 
 
 class DiscordBot:
