@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.perplexity_bench import plots, token_rows  # noqa: E402
 from storygen import model_thread  # noqa: E402
+from benchmarks.common import with_model  # noqa: E402
 from storygen.config import StorygenConfig  # noqa: E402
 from storygen.int8 import DualLinear  # noqa: E402
 from storygen.kvcache import cache_argument, new_cache  # noqa: E402
@@ -65,13 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp(prefix="int8-bench-"))
-    config = replace(StorygenConfig(), dtype="bfloat16", int8="true")
-    if args.model == "tiny":
-        from tests.tiny import save_tiny_model
-
-        config = replace(config, model=str(save_tiny_model(tmp / "tiny", "instruct")), model_format="instruct")
-    elif args.model != "default":
-        config = replace(config, model=args.model)
+    config = with_model(replace(StorygenConfig(), dtype="bfloat16", int8="true"), args.model, tmp)
     lm = model_thread.call(load_model, config)
     wrapped = sum(isinstance(m, DualLinear) for m in lm.model.modules())
     rows = token_rows(lm, plots(args.plots), args.tokens)

@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from storygen import model_thread  # noqa: E402
+from benchmarks.common import with_model  # noqa: E402
 from storygen.config import StorygenConfig  # noqa: E402
 from storygen.logs import quiet_libraries  # noqa: E402
 from storygen.errors import StorygenError  # noqa: E402
@@ -111,13 +112,7 @@ class Item:
 
 def load(model: str, tmp: Path) -> tuple[LoadedModel, StorygenConfig]:
     """The model and config as the service loads them; 'tiny' builds a random one (as worker_bench.py)."""
-    config = StorygenConfig.from_env()
-    if model == "tiny":
-        from tests.tiny import save_tiny_model
-
-        config = replace(config, model=str(save_tiny_model(tmp / "tiny", "instruct")), model_format="instruct")
-    elif model != "default":
-        config = replace(config, model=model)
+    config = with_model(StorygenConfig.from_env(), model, tmp)
     return model_thread.call(load_model, config), config
 
 

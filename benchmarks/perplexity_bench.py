@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from storygen import model_thread  # noqa: E402
+from benchmarks.common import with_model  # noqa: E402
 from storygen.config import StorygenConfig  # noqa: E402
 from storygen.model import LoadedModel, load_model  # noqa: E402
 
@@ -63,16 +64,7 @@ def score(lm: LoadedModel, rows: list[list[int]]) -> tuple[float, int, list[torc
 
 
 def load(model: str, dtype: str, tmp: Path) -> LoadedModel:
-    config = replace(StorygenConfig.from_env(), dtype=dtype)
-    if model == "tiny":
-        from tests.tiny import save_tiny_model
-
-        directory = tmp / "tiny"
-        if not directory.exists():
-            save_tiny_model(directory, "instruct")
-        config = replace(config, model=str(directory), model_format="instruct")
-    elif model != "default":
-        config = replace(config, model=model)
+    config = with_model(replace(StorygenConfig.from_env(), dtype=dtype), model, tmp)
     return model_thread.call(load_model, config)
 
 

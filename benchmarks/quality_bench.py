@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from storygen import model_thread  # noqa: E402
+from benchmarks.common import with_model  # noqa: E402
 from storygen.config import StorygenConfig  # noqa: E402
 from storygen.endings import ends_sentence  # noqa: E402
 from storygen.model import LoadedModel, load_model  # noqa: E402
@@ -72,14 +73,7 @@ OPENINGS = (
 
 
 def load(model: str, tmp: Path) -> tuple[LoadedModel, StorygenConfig]:
-    config = StorygenConfig.from_env()
-    if model == "tiny":
-        from tests.tiny import save_tiny_model
-
-        directory = save_tiny_model(tmp / "tiny", "instruct")
-        config = replace(config, model=str(directory), model_format="instruct")
-    elif model != "default":
-        config = replace(config, model=model)
+    config = with_model(StorygenConfig.from_env(), model, tmp)
     return model_thread.call(load_model, config), config
 
 

@@ -39,6 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import with_model  # noqa: E402
 from storygen.config import StorygenConfig  # noqa: E402
 from storygen.logs import quiet_libraries  # noqa: E402
 from storygen.model import load_tokenizer  # noqa: E402
@@ -203,11 +204,7 @@ async def main() -> None:
             "1,2", 2, 100.0, 8, 0.5, 2.0, 1
     quiet_libraries()
     tmp = Path(tempfile.mkdtemp(prefix="scale-bench-"))
-    base = StorygenConfig()
-    if args.model == "tiny":
-        from tests.tiny import save_tiny_model
-
-        base = replace(base, model=str(save_tiny_model(tmp / "tiny", "instruct")), model_format="instruct")
+    base = with_model(StorygenConfig(), args.model, tmp)
     lm = load_tokenizer(base)
     counts = [int(n) for n in args.servers.split(",")]
     print(f"# {args.slots} slots × {args.rate:g} tok/s per server, {args.tokens} tokens per story, "

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from storygen import model_thread  # noqa: E402
+from benchmarks.common import with_model  # noqa: E402
 from storygen.config import StorygenConfig  # noqa: E402
 from storygen.logs import quiet_libraries  # noqa: E402
 from storygen.engine import Engine, Sequence  # noqa: E402
@@ -55,14 +56,7 @@ def openings(n: int, seed: int = 0) -> list[tuple[str, str]]:
 
 def load(model: str, tmp: Path) -> tuple[LoadedModel, LoadedModel, StorygenConfig]:
     """The worker's model, the baseline's fp32 model (the same one when the worker's is fp32), the config."""
-    config = StorygenConfig.from_env()
-    if model == "tiny":
-        from tests.tiny import save_tiny_model
-
-        directory = save_tiny_model(tmp / "tiny", "instruct")
-        config = replace(config, model=str(directory), model_format="instruct")
-    elif model != "default":
-        config = replace(config, model=model)
+    config = with_model(StorygenConfig.from_env(), model, tmp)
     lm = model_thread.call(load_model, config)
     if lm.dtype == torch.float32:
         return lm, lm, config

@@ -1,0 +1,21 @@
+"""What the benchmarks share: which model `--model` names."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from storygen.config import StorygenConfig
+
+
+def with_model(config: StorygenConfig, model: str, tmp: Path) -> StorygenConfig:
+    """`config` pointed at `--model`: "default" leaves it as it is, "tiny" a random instruct model built
+    in `tmp` (once), anything else a directory or a .gguf file."""
+    if model == "tiny":
+        from tests.tiny import save_tiny_model
+
+        directory = tmp / "tiny"
+        if not (directory / "config.json").is_file():
+            save_tiny_model(directory, "instruct")
+        return replace(config, model=str(directory), model_format="instruct")
+    return config if model == "default" else replace(config, model=model)
