@@ -22,7 +22,7 @@ from storygen.remote.worker import RemoteWorker
 from storygen.sampling import SamplingParams
 from storygen.stories import StoryRequest, prepare
 from tests.conftest import tiny_config
-from tests.remote_helpers import free_port, streamed, until
+from tests.remote_helpers import StoryBotProcess, streamed, until
 
 
 @pytest.fixture(scope="module")
@@ -194,34 +194,14 @@ def test_backend_settings_from_the_environment():
 
 
 async def test_python_m_bot_on_a_remote_server_serves_stories_and_says_when_none_is_left(tiny_dirs, tmp_path):
-    import os
-    import sys
-    from pathlib import Path
-
     import aiohttp
 
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HTTP_PORT": str(port),
-           "STORYGEN_MODEL": str(tiny_dirs["instruct"]), "STORYGEN_FORMAT": "instruct",
-           "STORYGEN_SETTINGS_DB": str(tmp_path / "bot.sqlite3"), "STORYGEN_CACHE_DIR": str(tmp_path),
-           "STORYGEN_BACKEND": "openai", "STORYGEN_BACKEND_TIMEOUT_S": "1", "BOT_SHUTDOWN_GRACE_S": "0"}
-    for key in ("DISCORD_TOKEN", "SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "HTTP_API_KEYS"):
-        env.pop(key, None)
-    url = f"http://127.0.0.1:{port}"
     async with servers(1, tokens_per_s=200) as (sim,), aiohttp.ClientSession() as http:
-        env["STORYGEN_BACKEND_URLS"] = sim.url
-        bot = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot", cwd=tmp_path, env=env,
-                                                   stderr=asyncio.subprocess.PIPE)
+        bot = StoryBotProcess(tiny_dirs["instruct"], tmp_path, "bot", log=True, HTTP_API_KEYS=None,
+                              STORYGEN_BACKEND="openai", STORYGEN_BACKEND_URLS=sim.url, STORYGEN_BACKEND_TIMEOUT_S="1")
+        url = bot.url.removesuffix("/v1")
         try:
-            for _ in range(600):
-                with contextlib.suppress(aiohttp.ClientConnectionError):
-                    async with http.get(url + "/healthz") as r:
-                        if r.status == 200:
-                            health = await r.json()
-                            break
-                await asyncio.sleep(0.1)
-            else:
-                raise AssertionError("python -m bot did not become healthy")
+            health = await bot.start(http)
             assert health["worker"]["backend"] == "openai" and health["worker"]["backends"][0]["up"]
             async with http.post(url + "/v1/stories", json={"prompt": "The comet", "length": 8}) as r:
                 story = await r.json()
@@ -245,9 +225,8 @@ async def test_python_m_bot_on_a_remote_server_serves_stories_and_says_when_none
             assert r.status == 503 and "generation servers unavailable" in refused["error"]["message"]
             assert first in (200, 503)
         finally:
-            bot.terminate()
-            await asyncio.wait_for(bot.wait(), 30)
-    log = (await bot.stderr.read()).decode()
+            await bot.terminate()
+    log = await bot.log()
     assert "generation servers: 1 of 1 in rotation" in log
     assert "taken out of rotation" in log or "out of rotation" in log
     assert "HTTP Request" not in log  # the client's own per-request lines stay out of the log

@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
-import signal
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -26,52 +22,8 @@ from storygen.remote.worker import RemoteWorker
 from storygen.sampling import SamplingParams
 from storygen.stories import StoryRequest
 from tests.conftest import tiny_config
-from tests.remote_helpers import free_port, streamed, until
+from tests.remote_helpers import KEY, StoryBotProcess, streamed, until
 
-ROOT = Path(__file__).resolve().parents[1]
-KEY = "backend-key-0123456789"
-
-
-class StoryBotProcess:
-    """`python -m bot` serving /v1/completions on a port of its own."""
-
-    def __init__(self, model_dir: Path, tmp: Path, name: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "HTTP_PORT": str(self.port), "HTTP_API_KEYS": KEY,
-                    "STORYGEN_MODEL": str(model_dir), "STORYGEN_FORMAT": "instruct", "STORYGEN_DEVICE": "cpu",
-                    "STORYGEN_DTYPE": "float32", "STORYGEN_MAX_BATCH": "2", "STORYGEN_MAX_LENGTH": "1000",
-                    "STORYGEN_SETTINGS_DB": str(tmp / f"{name}.sqlite3"), "STORYGEN_CACHE_DIR": str(tmp),
-                    "BOT_SHUTDOWN_GRACE_S": "0"}
-        for key in ("DISCORD_TOKEN", "SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "STORYGEN_BACKEND"):
-            self.env.pop(key, None)
-        self.process: asyncio.subprocess.Process | None = None
-        self.cwd = tmp
-
-    async def start(self, http: aiohttp.ClientSession) -> None:
-        self.process = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot", cwd=self.cwd, env=self.env,
-                                                            stderr=asyncio.subprocess.DEVNULL)
-        for _ in range(1200):
-            with contextlib.suppress(aiohttp.ClientConnectionError):
-                async with http.get(self.url.removesuffix("/v1") + "/healthz") as response:
-                    if response.status == 200:
-                        return
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"the StoryBot on port {self.port} did not become healthy")
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-
-    async def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.kill()
-            await self.process.wait()
-
-    async def stories(self, http: aiohttp.ClientSession, outcome: str) -> float:
-        async with http.get(self.url.removesuffix("/v1") + "/metrics") as response:
-            text = await response.text()
-        found = re.search(rf'storygen_stories_total{{frontend="api",outcome="{outcome}"}} (\S+)', text)
-        return float(found.group(1)) if found else 0.0
 
 
 @pytest.fixture
