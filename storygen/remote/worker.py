@@ -45,11 +45,11 @@ class RemoteWorker(QueueFront):
     def __init__(self, lm: LoadedModel, config: StorygenConfig, metrics: Metrics | None = None,
                  probe_interval_s: float = PROBE_INTERVAL_S) -> None:
         super().__init__(lm, config, metrics)
-        self.pool = BackendPool(config, self.metrics, self._room_changed, probe_interval_s)
+        self.pool = BackendPool(config, self.metrics, self._admit, probe_interval_s)  # room may have opened
         self._tasks: dict[str, asyncio.Task] = {}  # running request id -> the task streaming it
         self._aborting: dict[str, StorygenError] = {}  # running request id -> why it is being stopped
         self._resuming = 0  # stories waiting for another server; they go before new ones
-        self._dispatcher: asyncio.Task | None = None
+        self._clock: asyncio.Task | None = None
         self._all_down_since: float | None = None
 
     @property
@@ -68,11 +68,6 @@ class RemoteWorker(QueueFront):
         else:
             self._loop.call_soon_threadsafe(self._admit)
 
-    def _room_changed(self) -> None:
-        # Admit at once, in the same turn of the loop: waking a dispatcher instead cost a loop turn
-        # (~10 ms under load) per freed slot, and the slots freed meanwhile then refilled together.
-        self._admit()
-
     def _abort_running(self, request_id: str) -> None:
         task = self._tasks.get(request_id)
         if task is not None and self._loop is not None:
@@ -88,24 +83,22 @@ class RemoteWorker(QueueFront):
         self._loop = asyncio.get_running_loop()
         await self.pool.start()
         self._state = "running"
-        self._dispatcher = asyncio.create_task(self._dispatch(), name="remote dispatcher")
+        self._clock = asyncio.create_task(self._tick(), name="remote worker clock")
         logger.info("worker started on %s generation servers (up to %s requests each), queue %s, %s per user; "
                     "the ending steer near the length is local-only, remote stories end by the model or are trimmed",
                     len(self.pool.backends), self.config.backend_max_inflight, self.config.max_queue,
                     self.config.max_per_user)
 
     async def stop(self) -> None:
-        """Stop dispatching, close every stream; whatever is queued or running fails with a clear error."""
+        """Stop admitting, close every stream; whatever is queued or running fails with a clear error."""
         with self._cond:
             if self._state not in SERVING:
                 return
             self._state = "stopping"
-        if self._dispatcher is not None:
-            self._dispatcher.cancel()
-        tasks = list(self._tasks.values())
+        tasks = [*self._tasks.values(), *([self._clock] if self._clock is not None else [])]
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, *( [self._dispatcher] if self._dispatcher else []), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         with self._cond:
             self._fail_all(WorkerUnavailableError("shutting down"))
             self._state = "stopped"
@@ -125,7 +118,7 @@ class RemoteWorker(QueueFront):
 
     # --- admitting ---------------------------------------------------------------------------
 
-    async def _dispatch(self) -> None:
+    async def _tick(self) -> None:
         """The clock: deadlines of queued stories, and giving up without servers. Admitting is `_admit`."""
         while self._state in SERVING:
             await asyncio.sleep(TICK_S)
@@ -136,7 +129,12 @@ class RemoteWorker(QueueFront):
             self._admit()
 
     def _admit(self) -> None:
-        """On the loop: start queued stories, in the fair queue's order, while a server has room."""
+        """On the loop: start queued stories, in the fair queue's order, while a server has room.
+
+        Called where room may have opened (a story queued, a request ended, a server came back), in
+        the same turn of the loop: waking a dispatcher task instead cost a loop turn (~10 ms under
+        load) per freed slot, and the slots freed meanwhile were then refilled together, in clumps.
+        """
         if self._state not in SERVING:
             return
         with self._cond:
