@@ -44,6 +44,7 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     finish_reason: str | None = None  # "stop" (end-of-story token), "length", "aborted"
+    wrote: bool = False  # some token it wrote is not only whitespace; until then it may not stop (see _bar_empty)
 
     @property
     def done(self) -> bool:
@@ -92,6 +93,7 @@ class Engine:
         self._knobs: RowKnobs | None = None
         self._penalise = False  # some row has a repetition penalty, so `_seen` is used
         self._end_ids = torch.tensor(sorted(lm.end_ids), dtype=torch.long, device=lm.device)  # (E,) for the steer
+        self._stop_ids = torch.tensor(sorted(lm.stop_ids), dtype=torch.long, device=lm.device)  # (S,)
 
     # --- admission and removal ---------------------------------------------------------------
 
@@ -164,7 +166,7 @@ class Engine:
         if not self.rows:
             return []
         # 1. Feed each row the token it sampled last, at its own position.
-        logits = self._forward_decode()  # (B, V)
+        logits = self._bar_empty(self._forward_decode(), self.rows)  # (B, V)
         # 2. Sample the next token of every row with that row's settings and generator, steering
         #    rows near the end of their length towards an ending.
         tokens = sample_next(logits, self._knobs, self._seen_or_none(), [s.generator for s in self.rows],
@@ -183,9 +185,20 @@ class Engine:
             seq.finish_reason = "stop"
             return StepOutput(seq.seq_id, None, "stop")
         seq.generated.append(token)
+        seq.wrote = seq.wrote or token not in self.lm.blank_ids
         if len(seq.generated) >= seq.params.length:
             seq.finish_reason = "length"
         return StepOutput(seq.seq_id, token, seq.finish_reason)
+
+    def _bar_empty(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """No stop token for a row that has written nothing but whitespace yet (vLLM's min_tokens, in
+        spirit): a model that would end at once, as one may on Continue after an ending, writes on instead
+        of giving the user "the model wrote nothing". logits: (B, V), changed in place and returned."""
+        empty = [i for i, seq in enumerate(seqs) if not seq.wrote]
+        if empty and self._stop_ids.numel():
+            rows = torch.tensor(empty, dtype=torch.long, device=logits.device)
+            logits[rows[:, None], self._stop_ids[None, :]] = float("-inf")
+        return logits
 
     def _end_bias(self, seqs: list[Sequence], knobs: RowKnobs) -> torch.Tensor | None:
         """(B,) the ending steer's bias per row (sampling.ending_bias), or None when no row gets one."""
@@ -266,7 +279,7 @@ class Engine:
         seen[:, self._end_ids] = False  # the chat template's <|im_end|>: ending a story is no repetition
         knobs = RowKnobs.from_params([seq.params for seq in seqs], self.lm.vocab_size, device)
         penalise = any(seq.params.repetition_penalty != 1 for seq in seqs)
-        logits = out.logits[:, -1, :].float()  # (G, V), in fp32 whatever the model's dtype
+        logits = self._bar_empty(out.logits[:, -1, :].float(), seqs)  # (G, V), in fp32 whatever the model's dtype
         tokens = sample_next(logits, knobs, seen if penalise else None, [s.generator for s in seqs],
                              self._end_ids, self._end_bias(seqs, knobs))
         outputs = [self._record(seq, tok) for seq, tok in zip(seqs, tokens.tolist())]

@@ -217,3 +217,33 @@ def test_steer_ends_a_story_at_a_sentence_end_near_its_length(tiny_lms, kind, en
         assert 40 - window < len(seq.generated) < 40
     else:
         assert len(seq.generated) == 40
+
+
+@pytest.mark.parametrize("kind", ["genre_tags", "instruct"])
+def test_a_story_writes_something_before_it_may_stop(tiny_lms, kind):
+    # A model set on ending at once (as one may be on Continue after an ending) would give the user
+    # "the model wrote nothing": its stop tokens are barred until the row has written a token that
+    # is not whitespace, then allowed again.
+    lm = tiny_lms[kind]
+    stops = sorted(lm.stop_ids)
+
+    def ends_now(module, inputs, logits):
+        logits[..., stops] = 100.0
+        return logits
+
+    hook = lm.model.get_output_embeddings().register_forward_hook(ends_now)
+    try:
+        prompts = _prompts(lm)[:3]
+        engine = Engine(lm, max_batch=3)
+        seqs = [Sequence(f"s{i}", ids, SamplingParams(length=30, temperature=1.0, seed=i)) for i, ids in enumerate(prompts)]
+        engine.start_many(seqs[:2])  # a prefill, and a row that joins later: both paths bar the stop
+        engine.step()
+        engine.start(seqs[2])
+        while engine.rows:
+            engine.step()
+    finally:
+        hook.remove()
+    for seq in seqs:
+        assert seq.finish_reason == "stop", seq
+        text = [t for t in seq.generated if t not in lm.blank_ids]
+        assert len(text) == 1 and seq.generated[-1] == text[0]  # any whitespace, one real token, then the stop

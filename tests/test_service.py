@@ -3,7 +3,6 @@ import pytest
 from bot.commands import SettingsCommand, StoryCommand
 from bot.service import ChatContext, NotAllowedError
 from storygen.errors import TooManyRequestsError
-from tests.model_hooks import endless  # noqa: F401  (fixture)
 
 ALICE = ChatContext("discord", "g1", "c1", "alice")
 BOB = ChatContext("discord", "g1", "c1", "bob")
@@ -15,9 +14,9 @@ def lm(tiny_lms):
     return tiny_lms["instruct"]  # the story_service's model
 
 
-async def test_story_continue_and_regenerate(story_service, endless):  # noqa: F811
-    # endless: with random seeds (Continue and Regenerate draw new ones) the tiny model sometimes ends
-    # a story at once, which is an EmptyStoryError for the user and a flaky test here.
+async def test_story_continue_and_regenerate(story_service):
+    # Continue and Regenerate draw new seeds; a story may not end before it wrote something
+    # (Engine._bar_empty), so whichever seed comes, the user gets a story.
     started = await story_service.story(ALICE, StoryCommand("Once upon a time", "fantasy", {"length": 20}))
     story = await started.handle
     story_service.record(ALICE, started, story)
