@@ -77,11 +77,11 @@ def load(model: str, tmp: Path) -> tuple[LoadedModel, StorygenConfig]:
     return model_thread.call(load_model, config), config
 
 
-def requests(openings: list[str], config: StorygenConfig, length: int | None) -> list[StoryRequest]:
-    """One seeded request per (opening, seed genre), at the configured default settings."""
+def requests(openings: list[str], config: StorygenConfig, length: int | None, seed: int = 0) -> list[StoryRequest]:
+    """One seeded request per (opening, seed genre), at the configured default settings; seeds from `seed` on."""
     params = config.defaults if length is None else replace(config.defaults, length=length)
     pairs = [(genre, opening) for opening in openings for genre in SEED_GENRES]
-    return [StoryRequest(f"q{i}", f"api:bench{i}", genre, opening, replace(params, seed=i))
+    return [StoryRequest(f"q{i}", f"api:bench{i}", genre, opening, replace(params, seed=seed + i))
             for i, (genre, opening) in enumerate(pairs)]
 
 
@@ -180,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--length", type=int, default=None, help="new tokens per story; default: STORYGEN_LENGTH")
     parser.add_argument("--smoke", action="store_true",
                         help="CI-sized: the tiny random model, 2 openings, 24 tokens, 20 real plots per genre")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the first story's seed (the others count up from it): another draw of the same stories")
     parser.add_argument("--dump", type=Path, default=None, help="write the stories here as JSON lines")
     args = parser.parse_args(argv)
     if not DEV_PLOTS.is_file():
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         lm, config = load(args.model, Path(tmp))
-        batch = requests(list(OPENINGS[: args.openings]), config, args.length)
+        batch = requests(list(OPENINGS[: args.openings]), config, args.length, args.seed)
         prompt_tokens = [len(prepare(r, lm, config).prompt_ids) for r in batch]
         print(f"model {lm.name} ({lm.spec.format} format) on {lm.device}; {len(batch)} stories, "
               f"{batch[0].params.length} new tokens, temperature {batch[0].params.temperature:g}, "

@@ -111,7 +111,7 @@ def _generate(config: StorygenConfig, args: argparse.Namespace, params: Sampling
         return 1
     request = StoryRequest(uuid.uuid4().hex[:8], "cli", args.genre, args.prompt, params)
     try:
-        story = generate_story(Engine(lm, max_batch=1), prepare(request, lm, config))
+        story = generate_story(Engine(lm, max_batch=1, genre_steer=config.genre_steer), prepare(request, lm, config))
     except StorygenError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -143,6 +143,7 @@ class StorygenConfig:
     defaults: SamplingParams = SamplingParams()
     limits: SamplingLimits = SamplingLimits()
     max_prompt_chars: int = 600
+    genre_steer: float = 2.5  # nats added to the logits of a story's genre words (steer.py); 0: off
     max_batch: int = 0  # 0: pick for the device (see worker)
     prefix_cache_mb: int = 64  # KV of shared prompt prefixes kept for reuse (prefix_cache.py); 0: off
     max_queue: int = 64
@@ -190,6 +191,7 @@ class StorygenConfig:
             defaults=defaults,
             limits=limits,
             max_prompt_chars=env.int("STORYGEN_MAX_PROMPT_CHARS", 600, 1, 20_000),
+            genre_steer=env.float("STORYGEN_GENRE_STEER", 2.5, 0, 10),
             max_batch=env.int("STORYGEN_MAX_BATCH", 0, 0, 1024),
             prefix_cache_mb=env.int("STORYGEN_PREFIX_CACHE_MB", 64, 0, 1_000_000),
             max_queue=env.int("STORYGEN_MAX_QUEUE", 64, 1, 100_000),

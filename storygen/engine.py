@@ -44,7 +44,8 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     finish_reason: str | None = None  # "stop" (end-of-story token), "length", "aborted"
-    wrote: bool = False  # some token it wrote is not only whitespace; until then it may not stop (see _bar_empty)
+    wrote: bool = False  # some token it wrote is not only whitespace; until then it may not stop (see _shape)
+    steer_ids: tuple[int, ...] = ()  # its genre's word tokens, which the genre steer raises (storygen/steer.py)
 
     @property
     def done(self) -> bool:
@@ -60,6 +61,20 @@ class StepOutput:
     finish_reason: str | None
 
 
+@dataclass
+class SteerPairs:
+    """The genre steer's (row, token) pairs of a batch (Engine._steer_pairs), each to raise or done with."""
+
+    rows: torch.Tensor  # (N,) long
+    ids: torch.Tensor  # (N,) long
+    todo: torch.Tensor  # (N,) float: 1 while the row has not written the token, then 0
+
+    def wrote(self, tokens: torch.Tensor) -> None:
+        """tokens: (B,) what each row sampled this step."""
+        if self.rows.numel():
+            self.todo.mul_((tokens[self.rows] != self.ids).float())
+
+
 class SequenceError(Exception):
     """A failure that belongs to one sequence only (its prefill failed)."""
 
@@ -72,8 +87,10 @@ class SequenceError(Exception):
 class Engine:
     """Owns the model's running batch. Not thread-safe: one thread calls it."""
 
-    def __init__(self, lm: LoadedModel, max_batch: int, append_cache: bool = True, prefix_cache_bytes: int = 0) -> None:
+    def __init__(self, lm: LoadedModel, max_batch: int, append_cache: bool = True, prefix_cache_bytes: int = 0,
+                 genre_steer: float = 0.0) -> None:
         self.lm = lm
+        self.genre_steer = genre_steer  # nats added to each row's steer_ids' logits; 0: off
         self.max_batch = max_batch
         self.append_cache = append_cache  # in-place KV appends (kvcache.py); False: transformers' torch.cat
         # Prompt prefixes' KV kept for reuse (prefix_cache.py); only where every layer is plain full
@@ -94,6 +111,7 @@ class Engine:
         self._penalise = False  # some row has a repetition penalty, so `_seen` is used
         self._end_ids = torch.tensor(sorted(lm.end_ids), dtype=torch.long, device=lm.device)  # (E,) for the steer
         self._stop_ids = torch.tensor(sorted(lm.stop_ids), dtype=torch.long, device=lm.device)  # (S,)
+        self._steer_index: SteerPairs | None = None  # the running batch's; None: rebuild at the next step
 
     # --- admission and removal ---------------------------------------------------------------
 
@@ -166,13 +184,16 @@ class Engine:
         if not self.rows:
             return []
         # 1. Feed each row the token it sampled last, at its own position.
-        logits = self._bar_empty(self._forward_decode(), self.rows)  # (B, V)
+        if self._steer_index is None:
+            self._steer_index = self._steer_pairs(self.rows)
+        logits = self._shape(self._forward_decode(), self.rows, self._steer_index)  # (B, V)
         # 2. Sample the next token of every row with that row's settings and generator, steering
         #    rows near the end of their length towards an ending.
         tokens = sample_next(logits, self._knobs, self._seen_or_none(), [s.generator for s in self.rows],
                              self._end_ids, self._end_bias(self.rows, self._knobs))
         # 3. Record it, and decide which rows are done.
         outputs = [self._record(seq, tok) for seq, tok in zip(self.rows, tokens.tolist())]
+        self._steer_index.wrote(tokens)
         self._next = tokens
         self._seen[torch.arange(len(self.rows), device=tokens.device), tokens] = True
         # 4. Finished rows leave now, so their slots are free for the next admission.
@@ -190,15 +211,30 @@ class Engine:
             seq.finish_reason = "length"
         return StepOutput(seq.seq_id, token, seq.finish_reason)
 
-    def _bar_empty(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """No stop token for a row that has written nothing but whitespace yet (vLLM's min_tokens, in
-        spirit): a model that would end at once, as one may on Continue after an ending, writes on instead
-        of giving the user "the model wrote nothing". logits: (B, V), changed in place and returned."""
+    def _shape(self, logits: torch.Tensor, seqs: list[Sequence], steer: SteerPairs) -> torch.Tensor:
+        """The logits each row samples from, before its own settings: in place, and returned. logits: (B, V).
+
+        - The genre steer: each row's genre words it has not written yet rise by `genre_steer`
+          (storygen/steer.py); once written, a word is on its own, so the steer never makes a loop.
+        - No stop token for a row that has written nothing but whitespace yet (vLLM's min_tokens, in
+          spirit): a model that would end at once, as one may on Continue after an ending, writes on
+          instead of giving the user "the model wrote nothing".
+        """
+        if steer.rows.numel():
+            logits[steer.rows, steer.ids] += steer.todo * self.genre_steer
         empty = [i for i, seq in enumerate(seqs) if not seq.wrote]
         if empty and self._stop_ids.numel():
-            rows = torch.tensor(empty, dtype=torch.long, device=logits.device)
-            logits[rows[:, None], self._stop_ids[None, :]] = float("-inf")
+            index = torch.tensor(empty, dtype=torch.long, device=logits.device)
+            logits[index[:, None], self._stop_ids[None, :]] = float("-inf")
         return logits
+
+    def _steer_pairs(self, seqs: list[Sequence]) -> SteerPairs:
+        """Every (row, token) the genre steer raises, less the tokens each row has already written."""
+        pairs = [] if self.genre_steer == 0 else [
+            (i, t) for i, seq in enumerate(seqs) if seq.steer_ids
+            for written in [set(seq.generated)] for t in seq.steer_ids if t not in written]
+        both = torch.tensor(pairs, dtype=torch.long, device=self.lm.device).reshape(-1, 2)  # (N, 2)
+        return SteerPairs(both[:, 0], both[:, 1], torch.ones(len(pairs), device=self.lm.device))
 
     def _end_bias(self, seqs: list[Sequence], knobs: RowKnobs) -> torch.Tensor | None:
         """(B,) the ending steer's bias per row (sampling.ending_bias), or None when no row gets one."""
@@ -279,7 +315,7 @@ class Engine:
         seen[:, self._end_ids] = False  # the chat template's <|im_end|>: ending a story is no repetition
         knobs = RowKnobs.from_params([seq.params for seq in seqs], self.lm.vocab_size, device)
         penalise = any(seq.params.repetition_penalty != 1 for seq in seqs)
-        logits = self._bar_empty(out.logits[:, -1, :].float(), seqs)  # (G, V), in fp32 whatever the model's dtype
+        logits = self._shape(out.logits[:, -1, :].float(), seqs, self._steer_pairs(seqs))  # (G, V), fp32 always
         tokens = sample_next(logits, knobs, seen if penalise else None, [s.generator for s in seqs],
                              self._end_ids, self._end_bias(seqs, knobs))
         outputs = [self._record(seq, tok) for seq, tok in zip(seqs, tokens.tolist())]
@@ -359,7 +395,7 @@ class Engine:
     def _keep(self, keep: list[int]) -> None:
         """Shrink the batch to the rows at `keep`, then drop padding no row needs any more."""
         if not keep:
-            self.rows, self._cache, self._knobs = [], None, None
+            self.rows, self._cache, self._knobs, self._steer_index = [], None, None, None
             self._mask = self._mask[:0, :0]
             self._positions, self._next, self._seen = self._positions[:0], self._next[:0], self._seen[:0]
             self._padded = False
@@ -376,6 +412,7 @@ class Engine:
         self._padded = not bool(self._mask.all())
 
     def _set_knobs(self) -> None:
+        self._steer_index = None  # the rows changed: rebuilt at the next step
         self._knobs = RowKnobs.from_params([s.params for s in self.rows], self.lm.vocab_size, self.lm.device)
         self._penalise = any(s.params.repetition_penalty != 1 for s in self.rows)
 

@@ -31,6 +31,9 @@ class Genre:
     # The instruct format's framing (storygen/prompts.py): what happens in such a story, and its tone.
     plot: str = ""  # completes "In a {label} story, ..."
     tone: str = ""  # completes "The tone is ..."
+    # The genre steer (storygen/steer.py): words such a story is made of, whose tokens are made a
+    # little likelier while it is written. Whole lower-case words; the capitalised form comes too.
+    words: tuple[str, ...] = ()
 
 
 GENRES: tuple[Genre, ...] = (
@@ -42,9 +45,12 @@ GENRES: tuple[Genre, ...] = (
               "masked", "cape", "secret identity", "spider", "batman", "superman", "avenger", "justice league",
               "comic", "sidekick", "nemesis", "crime-fighting", "crime fighting", "x-men", "hulk", "iron man"),
         seed=True,
-        plot=("someone with extraordinary powers fights a villain who "
-              "threatens the city, and pays a price for being a hero"),
+        plot=("a superhero with powers, a costume and a secret identity fights crime and a supervillain "
+              "who threatens the city, saves innocent people, and pays a price for being a hero"),
         tone="bold and fast, with high stakes",
+        words=("superhero", "superheroes", "superpower", "superpowers", "powers", "villain", "villains", "hero",
+               "heroes", "heroic", "flying", "flew", "powerful", "super", "mask", "costume", "justice", "rescue",
+               "save", "saved", "strength"),
     ),
     Genre(
         "sci_fi", "science fiction", "Spaceships, strange futures and the science that changes everything.",
@@ -58,6 +64,9 @@ GENRES: tuple[Genre, ...] = (
         plot=("a discovery, a machine or a journey into space or time changes the world, "
               "and the characters must live with what science made possible"),
         tone="full of wonder and ideas",
+        words=("space", "planet", "planets", "alien", "aliens", "scientist", "scientists", "experiment",
+               "laboratory", "robot", "robots", "earth", "ship", "crew", "spaceship", "future", "technology",
+               "machine", "research", "signal", "orbit", "human", "humans"),
     ),
     Genre(
         "horror", "horror", "Dread, the uncanny, and things that should have stayed buried.",
@@ -70,6 +79,9 @@ GENRES: tuple[Genre, ...] = (
         plot=("something uncanny and deadly closes in, a presence, a curse or a "
               "monster, and the characters fight to survive it"),
         tone="dark and full of creeping dread",
+        words=("blood", "scream", "screams", "dead", "demon", "ghost", "ghosts", "evil", "dark", "darkness",
+               "monster", "creature", "kill", "killed", "body", "corpse", "terror", "haunted", "curse",
+               "horror", "nightmare"),
     ),
     Genre(
         "action", "action", "Chases, fights and heroes with no time to lose.",
@@ -80,8 +92,14 @@ GENRES: tuple[Genre, ...] = (
               "terrorist", "assassin", "henchmen", "smuggl", "heist", "police", "cop", "sword", "tournament",
               "don", "mafia", "drug", "weapon", "attack", "kill", "boss"),
         seed=True,
-        plot="the hero races against time through chases, fights and explosions to stop an enemy or rescue someone",
-        tone="fast, loud and physical",
+        plot=("a soldier, a special agent or a martial-arts fighter goes on a dangerous mission against "
+              "terrorists, gangsters or an enemy army, through battles, gunfights and explosions, "
+              "to rescue prisoners or take revenge"),
+        tone="fast, violent and physical",
+        words=("soldier", "soldiers", "troops", "army", "battle", "mission", "enemy", "enemies", "terrorist",
+               "terrorists", "attack", "fight", "fighting", "gun", "guns", "commander", "officer", "captain",
+               "rescue", "explosion", "explosions", "assassin", "combat", "weapons", "weapon", "killed",
+               "kill", "escape", "war", "gunfire", "bullets"),
     ),
     Genre(
         "thriller", "thriller", "Conspiracies, suspects and a clock that will not stop.",
@@ -94,6 +112,9 @@ GENRES: tuple[Genre, ...] = (
         plot=("someone is hunted, framed or caught in a conspiracy, and clues, suspects "
               "and a ticking clock drive them to a dangerous showdown"),
         tone="tense and full of suspense",
+        words=("police", "detective", "murder", "murdered", "killer", "victim", "suspect", "case", "evidence",
+               "investigation", "agent", "kidnapped", "hostage", "threat", "trap", "secret", "conspiracy",
+               "danger", "escape", "body"),
     ),
     Genre(
         "drama", "drama", "People, families and the choices that define them.",
@@ -106,6 +127,8 @@ GENRES: tuple[Genre, ...] = (
         seed=True,
         plot="ordinary people face a hard choice about family, love or work, and the story turns on their feelings",
         tone="quiet, emotional and honest",
+        words=("family", "mother", "father", "daughter", "son", "wife", "husband", "love", "marriage",
+               "married", "home", "life", "heart", "friends", "brother", "sister", "parents", "job", "dream"),
     ),
     Genre(
         "fantasy", "fantasy", "Magic, quests and kingdoms that never were.",
@@ -116,6 +139,9 @@ GENRES: tuple[Genre, ...] = (
               "goblin", "unicorn", "potion", "mage", "throne", "legend", "myth", "god", "goddess"),
         plot="magic, strange creatures and an old prophecy send the hero on a quest through a kingdom that never was",
         tone="enchanted and epic",
+        words=("magic", "wizard", "dragon", "dragons", "castle", "kingdom", "king", "queen", "prince",
+               "princess", "spell", "sword", "quest", "realm", "ancient", "prophecy", "elf", "elves",
+               "sorcerer", "enchanted"),
     ),
     Genre(
         "romance", "romance", "Love found, lost and fought for.",
@@ -126,6 +152,8 @@ GENRES: tuple[Genre, ...] = (
               "proposal", "propose", "marry", "engaged", "bride", "groom", "passion"),
         plot="two people are drawn together, something keeps them apart, and they must risk their hearts",
         tone="warm, tender and hopeful",
+        words=("love", "heart", "kiss", "kissed", "lover", "smile", "date", "romance", "together", "wedding",
+               "married", "passion", "tender", "hand", "eyes", "feelings"),
     ),
     Genre(
         "mystery", "mystery", "Clues, red herrings and a puzzle waiting to be solved.",
@@ -137,6 +165,8 @@ GENRES: tuple[Genre, ...] = (
         plot=("a puzzling crime or disappearance is solved by following clues and "
               "questioning suspects, until the truth comes out"),
         tone="curious and clever",
+        words=("detective", "clue", "clues", "mystery", "suspect", "suspects", "murder", "alibi", "evidence",
+               "case", "secret", "truth", "missing", "stolen", "inspector", "puzzle"),
     ),
     Genre(
         "comedy", "comedy", "Misunderstandings, mayhem and everyone having a very bad day.",
@@ -147,6 +177,8 @@ GENRES: tuple[Genre, ...] = (
               "duck", "penguin", "pizza", "talking", "wacky", "absurd", "misunderstanding", "mix-up"),
         plot="a small mistake snowballs into ridiculous chaos, and everyone makes it worse before it all works out",
         tone="light, silly and funny",
+        words=("funny", "laugh", "laughed", "joke", "jokes", "silly", "chaos", "ridiculous", "mess",
+               "disaster", "awkward", "accidentally", "embarrassing", "giggle", "prank"),
     ),
 )
 

@@ -175,7 +175,7 @@ def encode_template_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[
 
 # Words per token of English prose for the BPE tokenizers we serve (SmolLM2's: 1.34 tokens a word on
 # the dev plots), less a margin, so that a story asked for "about N words" can end within its tokens.
-WORDS_PER_TOKEN = 0.6
+WORDS_PER_TOKEN = 0.45
 
 
 def to_word_budget(length: int) -> int:

@@ -20,7 +20,6 @@ import threading
 import time
 
 from storygen.config import StorygenConfig
-from storygen.engine import Sequence
 from storygen.errors import DeadlineExceededError, RequestCancelledError, StorygenError, WorkerUnavailableError
 from storygen.handle import StoryHandle
 from storygen.jobs import UNAVAILABLE, Job
@@ -127,7 +126,7 @@ class QueueFront:
             prepared = prepare(request, self.lm, self.config)
         handle = StoryHandle(self, prepared, asyncio.get_running_loop())
         now = time.monotonic()
-        job = Job(prepared, handle, Sequence(request.request_id, prepared.prompt_ids, request.params),
+        job = Job(prepared, handle, prepared.sequence(),
                   TextStream(self.lm, prepared), now, request.deadline or now + self.config.deadline_s)
         with self._cond:
             if request.request_id in self._jobs:

@@ -118,9 +118,9 @@ def parse_setting(name: str, raw: str) -> int | float | bool:
 # end-of-story logits are raised by a bias that grows linearly to END_BOOST at the last token.
 # The model may still go on, but it becomes ever likelier to end where a sentence ends than to be
 # cut off mid-story by the length. END_BOOST = 0 turns steering off.
-END_WINDOW = 0.25  # share of the length; (0, 1]
+END_WINDOW = 0.35  # share of the length; (0, 1]
 END_WINDOW_MIN = 16  # tokens
-END_BOOST = 8.0  # logits (nats); at 8 an end token 1/1000 as likely as the top one becomes about 3x likelier
+END_BOOST = 10.0  # logits (nats); at 10 an end token 1/10000 as likely as the top one becomes about 2x likelier
 
 
 def ending_bias(generated: torch.Tensor, length: torch.Tensor, at_sentence_end: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from storygen.config import StorygenConfig
 from storygen.endings import finish_story, strip_controls
 from storygen.engine import Engine, Sequence
+from storygen.steer import steer_ids
 from storygen.errors import EmptyPromptError, SettingRangeError
 from storygen.genres import Genre, detect_genre, find_genre, is_auto, resolve_genre
 from storygen.model import LoadedModel
@@ -47,10 +48,15 @@ class PreparedStory:
     prompt_ids: list[int]
     opening_tokens: int  # the last `opening_tokens` of prompt_ids encode the opening
     notices: tuple[str, ...] = ()  # soft limits applied and guesses made, to tell the user
+    steer_ids: tuple[int, ...] = ()  # the genre's word tokens for the genre steer; none for a raw completion
 
     @property
     def raw(self) -> bool:
         return self.request.prompt_ids is not None
+
+    def sequence(self) -> Sequence:
+        """The engine's sequence for this story."""
+        return Sequence(self.request.request_id, self.prompt_ids, self.request.params, steer_ids=self.steer_ids)
 
 
 @dataclass(frozen=True)
@@ -101,7 +107,8 @@ def prepare(request: StoryRequest, lm: LoadedModel, config: StorygenConfig) -> P
         raise SettingRangeError("length", request.params.length, f"1 to {max(room, 0)} tokens with this opening "
                                 "(the model reads at most " f"{lm.max_positions} tokens)")
     opening_tokens = len(encode_user_text(lm.tokenizer, _opening_as_encoded(lm, opening)))
-    return PreparedStory(request, genre, opening, prompt_ids, opening_tokens, tuple(notices))
+    return PreparedStory(request, genre, opening, prompt_ids, opening_tokens, tuple(notices),
+                         steer_ids(lm.tokenizer, genre))
 
 
 RAW_CONTEXT_TOKENS = 8  # prompt tokens a raw completion's decoding starts from, for spacing
@@ -197,7 +204,7 @@ def finish_text(lm: LoadedModel, prepared: PreparedStory, continuation: str, fin
 def generate_story(engine: Engine, prepared: PreparedStory) -> Story:
     """Run one prepared request to the end on an otherwise idle engine."""
     started = time.perf_counter()
-    seq = Sequence(prepared.request.request_id, prepared.prompt_ids, prepared.request.params)
+    seq = prepared.sequence()
     stream = TextStream(engine.lm, prepared)
     outputs = [engine.start(seq)]
     first = time.perf_counter()

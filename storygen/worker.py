@@ -59,7 +59,8 @@ class Worker(QueueFront, EngineLoop, FaultHandling):
         on_gpu = lm.device.type == "cuda"
         default_batch = GPU_MAX_BATCH if on_gpu else CPU_MAX_BATCH
         self.prefill_tokens = GPU_PREFILL_TOKENS if on_gpu else CPU_PREFILL_TOKENS
-        self.engine = Engine(lm, config.max_batch or default_batch, prefix_cache_bytes=config.prefix_cache_mb * 2**20)
+        self.engine = Engine(lm, config.max_batch or default_batch, prefix_cache_bytes=config.prefix_cache_mb * 2**20,
+                             genre_steer=config.genre_steer)
         self.full_batch = self.engine.max_batch  # the cap an OOM lowers the engine's from, for a while
         self.cap_recovery_steps = CAP_RECOVERY_STEPS
         self._clean_steps = 0  # decode steps since the last OOM, while the cap is lowered

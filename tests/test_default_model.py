@@ -39,3 +39,15 @@ def test_second_load_uses_the_safetensors_cache(default_config):
     assert lm.spec.format == "instruct"
     assert cached[0].stat().st_mtime_ns == written  # loaded from the cache, not dequantised again
     assert list((default_config.cache_dir / "gguf").iterdir()) == [cached[0].parent]  # no staging left
+
+
+def test_every_genre_steers_with_its_own_words_on_the_default_tokenizer(default_config):
+    from storygen.genres import GENRES
+    from storygen.steer import steer_ids
+
+    lm = load_model(default_config)
+    for genre in GENRES:
+        ids = steer_ids(lm.tokenizer, genre)
+        words = {lm.tokenizer.decode([i]).strip().lower() for i in ids}
+        assert len(words) >= 0.75 * len(genre.words), (genre.name, set(genre.words) - words)  # most are one token
+        assert words <= set(genre.words)  # and only the genre's own words

@@ -247,3 +247,27 @@ def test_a_story_writes_something_before_it_may_stop(tiny_lms, kind):
         assert seq.finish_reason == "stop", seq
         text = [t for t in seq.generated if t not in lm.blank_ids]
         assert len(text) == 1 and seq.generated[-1] == text[0]  # any whitespace, one real token, then the stop
+
+
+def test_the_genre_steer_raises_each_genre_word_until_the_story_has_written_it(tiny_lms):
+    lm = tiny_lms["instruct"]
+    flat = lm.model.get_output_embeddings().register_forward_hook(lambda m, i, logits: torch.zeros_like(logits))
+    try:
+        ids = _prompts(lm)[0]
+        words = tuple(sorted(set(range(10, 200)) - lm.stop_ids - lm.blank_ids)[-3:])  # three ordinary tokens
+        greedy = SamplingParams(length=6, greedy=True, repetition_penalty=1.0)
+
+        def written(steer: float) -> list[int]:
+            engine = Engine(lm, 2, genre_steer=steer)
+            seq = Sequence("s", ids, greedy, steer_ids=words)
+            engine.start(seq)
+            while not seq.done:
+                engine.step()
+            return seq.generated
+
+        plain, steered = written(0.0), written(2.5)
+    finally:
+        flat.remove()
+    assert not set(words) & set(plain)  # all logits equal: greedy takes the lowest id, no genre word
+    assert sorted(steered[:3]) == sorted(words)  # with the steer, the genre's words come first, each once,
+    assert steered[3:] == plain[1:]  # then the story is on its own again: what the plain one wrote after its first

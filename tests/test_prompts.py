@@ -34,19 +34,19 @@ def test_instruct_framing_tells_the_genre_the_length_and_to_end(tiny_lms, name):
     assert genre.plot and genre.tone  # every genre an instruct model may be asked for has its framing
     text = lm.tokenizer.decode(build_prompt(lm.spec, lm.tokenizer, genre, "Hi", length=200))
     for part in (f"Write a {genre.label} story.", genre.description, genre.plot, genre.tone,
-                 "about 120 words", "give the story an ending"):
+                 "about 90 words", "give the story an ending"):
         assert part in text
 
 
 def test_instruct_prompts_of_one_genre_differ_only_from_the_length_on(tiny_lms):
     lm, genre = tiny_lms["instruct"], get_genre("horror")
     short, long = (lm.tokenizer.decode(build_prompt(lm.spec, lm.tokenizer, genre, "Hi", length=n)) for n in (50, 400))
-    assert "about 30 words" in short and "about 240 words" in long
-    shared = len(short.split("about 30 words")[0])
+    assert "about 20 words" in short and "about 180 words" in long
+    shared = len(short.split("about 20 words")[0])
     assert short[:shared] == long[:shared] and shared > len(short) // 2
 
 
-@pytest.mark.parametrize(("length", "words"), [(1, 10), (16, 10), (200, 120), (400, 240)])
+@pytest.mark.parametrize(("length", "words"), [(1, 10), (16, 10), (200, 90), (400, 180)])
 def test_word_budget(length, words):
     assert to_word_budget(length) == words
 

@@ -85,7 +85,7 @@ class RemoteWorker(QueueFront):
         self._state = "running"
         self._clock = asyncio.create_task(self._tick(), name="remote worker clock")
         logger.info("worker started on %s generation servers (up to %s requests each), queue %s, %s per user; "
-                    "the ending steer near the length is local-only, remote stories end by the model or are trimmed",
+                    "the genre steer and the ending steer are local-only, remote stories end by the model or are trimmed",
                     len(self.pool.backends), self.config.backend_max_inflight, self.config.max_queue,
                     self.config.max_per_user)
 
