@@ -28,6 +28,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 ONEDNN_MODES = ("auto", "true", "false")
 BACKENDS = ("local", "openai")
 INT8_MODES = ("auto", "true", "false")
+INT4_MODES = ("auto", "true", "false")
+DECODE_ATTENTION_MODES = ("auto", "true", "false")
 
 
 class Secret:
@@ -138,6 +140,8 @@ class StorygenConfig:
     dtype: str = "auto"
     onednn: str = "auto"  # on a CPU, pack linear layers for oneDNN: auto (fp32 only), true (bf16 too), false
     int8: str = "auto"  # on a CPU, int8 copies of the weights for batches of up to 4 (int8.py): auto (bf16), true, false
+    int4: str = "auto"  # bf16 on a CPU, int4 copies for batches of up to 16 (int8.py): auto (layers already 4-bit), true, false
+    decode_attention: str = "auto"  # a decode step's grouped heads packed for SDPA (attention.py): auto (CPU), true, false
     cache_dir: Path = field(default_factory=_default_cache_dir)
     default_genre: str = "auto"
     defaults: SamplingParams = SamplingParams()
@@ -186,6 +190,8 @@ class StorygenConfig:
             dtype=env.choice("STORYGEN_DTYPE", "auto", DTYPES),
             onednn=_onednn_mode(env),
             int8=env.choice("STORYGEN_INT8", "auto", INT8_MODES),
+            int4=env.choice("STORYGEN_INT4", "auto", INT4_MODES),
+            decode_attention=env.choice("STORYGEN_DECODE_ATTENTION", "auto", DECODE_ATTENTION_MODES),
             cache_dir=env.path("STORYGEN_CACHE_DIR", _default_cache_dir()),
             default_genre=env.str("STORYGEN_DEFAULT_GENRE", "auto"),
             defaults=defaults,

@@ -24,7 +24,8 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Gener
 from storygen.config import StorygenConfig
 from storygen.endings import sentence_end_tokens
 from storygen.errors import ModelLoadError
-from storygen.int8 import add_int8_copies
+from storygen import attention
+from storygen.int8 import INT4_ROWS, SMALL_ROWS, add_int8_copies, can_use_int4
 from storygen.int8 import can_use as can_use_int8
 from storygen.onednn import can_pack, pack_linears
 from storygen.prompts import FormatSpec, control_ids, control_strings, read_metadata, resolve_format
@@ -199,8 +200,14 @@ def load_model(config: StorygenConfig) -> LoadedModel:
     model.to(device).eval()
     if can_pack(device, dtype, config.onednn):
         logger.info("packed %s linear layers for oneDNN", pack_linears(model))
-    if can_use_int8(device, dtype, config.int8):
-        logger.info("int8 copies of %s linear layers for small batches", add_int8_copies(model))
+    int4 = config.int4 if can_use_int4(device, dtype, config.int4) else "false"
+    int8 = can_use_int8(device, dtype, config.int8)
+    if int8 or int4 != "false":
+        fours, eights = add_int8_copies(model, int4, int8)
+        logger.info("small-batch copies of the linear layers: %s int4 (up to %s rows), %s int8 (up to %s rows)",
+                    fours, INT4_ROWS, eights, SMALL_ROWS)
+    if attention.can_use(model, device, config.decode_attention):
+        model.set_attn_implementation(attention.register())
     lm = _assemble(config, source, model_id, local, tokenizer, model, model.config,
                    model.generation_config.eos_token_id, device, dtype)
     logger.info("loaded %s (%s format) on %s as %s", model_id, lm.spec.format, device, dtype)
