@@ -1,12 +1,12 @@
-"""What the int8 copy of the weights (storygen/int8.py) buys a lone story, and what it costs.
+"""What the int8 and int4 copies of the weights (storygen/int8.py) buy a lone story, and what they cost.
 
-Token by token at batch 1, as a lone story decodes, over the dev plots: the perplexity and the
-step time with the int8 copies (STORYGEN_INT8) and without, on the same model in one run.
+Token by token at batch 1, as a lone story decodes, over the dev plots: the perplexity and the step
+time with the copies (STORYGEN_INT8, STORYGEN_INT4) and without, on the same model in one run.
 
     python benchmarks/int8_bench.py                 # default model, 12 plots × 96 tokens
     python benchmarks/int8_bench.py --model tiny --plots 2 --tokens 12    # smoke run
 
-Last lines `perplexity_ratio: X.XXXX` (int8 over bf16) and `step_speedup: X.XX`.
+Last lines `perplexity_ratio: X.XXXX` (with the copies over bf16) and `step_speedup: X.XX`.
 """
 
 from __future__ import annotations
@@ -28,15 +28,15 @@ from benchmarks.perplexity_bench import plots, token_rows  # noqa: E402
 from storygen import model_thread  # noqa: E402
 from benchmarks.common import with_model  # noqa: E402
 from storygen.config import StorygenConfig  # noqa: E402
-from storygen.int8 import DualLinear  # noqa: E402
+from storygen.int8 import SmallBatchLinear  # noqa: E402
 from storygen.kvcache import cache_argument, new_cache  # noqa: E402
 from storygen.model import load_model  # noqa: E402
 
 
 def use_int8(model: torch.nn.Module, on: bool) -> None:
-    """Switch every DualLinear to its int8 copy (on) or its dense layer (off) for any number of rows."""
+    """Switch every SmallBatchLinear to its int8 or int4 copy (on) or its dense layer (off) for any number of rows."""
     for module in model.modules():
-        if isinstance(module, DualLinear):
+        if isinstance(module, SmallBatchLinear):
             module.forward = module.__class__.forward.__get__(module) if on else module.dense.forward
 
 
@@ -68,13 +68,13 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="int8-bench-"))
     config = with_model(replace(StorygenConfig(), dtype="bfloat16", int8="true"), args.model, tmp)
     lm = model_thread.call(load_model, config)
-    wrapped = sum(isinstance(m, DualLinear) for m in lm.model.modules())
+    wrapped = sum(isinstance(m, SmallBatchLinear) for m in lm.model.modules())
     rows = token_rows(lm, plots(args.plots), args.tokens)
     results = {}
     for label, on in (("bf16", False), ("int8", True), ("bf16_again", False)):
         use_int8(lm.model, on)
         results[label] = model_thread.call(decode_score, lm, rows)
-    print(f"# {lm.name}, {wrapped} linear layers with int8 copies, {len(rows)} plots, token by token at batch 1")
+    print(f"# {lm.name}, {wrapped} linear layers with int8 or int4 copies, {len(rows)} plots, token by token at batch 1")
     ppl = {k: math.exp(nll / count) for k, (nll, count, _) in results.items()}
     step = {k: 1000 * s / max(count, 1) for k, (_, count, s) in results.items()}
     print(f"tokens_scored: {results['bf16'][1]}")

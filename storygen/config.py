@@ -27,9 +27,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ONEDNN_MODES = ("auto", "true", "false")
 BACKENDS = ("local", "openai")
-INT8_MODES = ("auto", "true", "false")
-INT4_MODES = ("auto", "true", "false")
-DECODE_ATTENTION_MODES = ("auto", "true", "false")
+INT8_MODES = INT4_MODES = DECODE_ATTENTION_MODES = ("auto", "true", "false")
 
 
 class Secret:

@@ -18,8 +18,8 @@ spreads those 4 bits over 16. Held as int4 again, with the same groups of 32 alo
 and one scale and zero per group, they are the same weights (the scales rounded to bf16), at a
 quarter of the bytes: torch's CPU kernel for weight-only int4 (`aten._weight_int4pack_mm_for_cpu`,
 the one torchao uses on CPUs) took a lone story's linear layers from ~14 to ~7 ms a step here,
-and is still faster than bf16 at 16 rows (68–76 against 72–95 ms a batch-16 step), not at 20. STORYGEN_INT4=auto holds as int4 exactly the layers that
-are on such a grid already (checked per layer: re-quantized, they must come back within 2 %),
+and is still faster than bf16 at 16 rows (68–76 against 72–95 ms a batch-16 step), not at 20.
+STORYGEN_INT4=auto holds as int4 exactly the layers that are on such a grid already (checked per layer: re-quantized, they must come back within 2 %),
 so nothing is lost; the others (the Q8_0 output layer, every layer of a fine-tuned model) keep
 their int8 copy. `true` makes int4 copies of every layer it can, whatever that costs (measure it
 with benchmarks/int8_bench.py), `false` none.
@@ -40,18 +40,20 @@ INT4_GROUP = 32  # weights per scale and zero, along the input: Q4_1's block
 INT4_OUT = 16  # the kernel's packing wants the output width a multiple of this
 INT4_EXACT = 0.02  # relative error within which a layer counts as already on a 4-bit grid
 
+Grid = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # q (out, in) int32 in 0..15; scale, low (out, in / G)
 
-class DualLinear(nn.Module):
-    """A linear layer with an int8 copy of its weight, used for calls of at most SMALL_ROWS rows."""
+
+class SmallBatchLinear(nn.Module):
+    """A linear layer with a quantized copy of its weight, used for calls of at most `small_rows` rows."""
+
+    small_rows: int
+    kind: str
+    tolerance: float  # relative error against the dense layer past which the kernel counts as broken
 
     def __init__(self, dense: nn.Linear) -> None:
         super().__init__()
         self.dense = dense
         self.in_features, self.out_features = dense.in_features, dense.out_features
-        weight = dense.weight.detach().float()
-        scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127
-        self.register_buffer("int8_weight", torch.round(weight / scale[:, None]).to(torch.int8), persistent=False)
-        self.register_buffer("int8_scale", scale.to(dense.weight.dtype), persistent=False)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -60,8 +62,6 @@ class DualLinear(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return self.dense.bias
-
-    small_rows = SMALL_ROWS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
@@ -73,22 +73,44 @@ class DualLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _small(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int8pack_mm(x, self.int8_weight, self.int8_scale)
+        """x (rows, in), contiguous: x @ weight.T through the quantized copy."""
+        raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 up to {self.small_rows} rows"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"{self.kind} up to {self.small_rows} rows")
 
 
-class Int4Linear(DualLinear):
+class DualLinear(SmallBatchLinear):
+    """A linear layer with an int8 copy of its weight (one scale per output row), for calls of at most SMALL_ROWS rows."""
+
+    small_rows = SMALL_ROWS
+    kind = "int8"
+    tolerance = 0.05
+
+    def __init__(self, dense: nn.Linear) -> None:
+        super().__init__(dense)
+        weight = dense.weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127
+        self.register_buffer("int8_weight", torch.round(weight / scale[:, None]).to(torch.int8), persistent=False)
+        self.register_buffer("int8_scale", scale.to(dense.weight.dtype), persistent=False)
+
+    def _small(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, self.int8_weight, self.int8_scale)
+
+
+
+class Int4Linear(SmallBatchLinear):
     """A linear layer with an int4 copy of its weight (groups of INT4_GROUP), for calls of at most INT4_ROWS rows."""
 
     small_rows = INT4_ROWS
+    kind = "int4"
+    tolerance = 0.2  # int4 of a full-precision layer is ~10 % off (STORYGEN_INT4=true); a broken kernel more
 
-    def __init__(self, dense: nn.Linear) -> None:
-        nn.Module.__init__(self)
-        self.dense = dense
-        self.in_features, self.out_features = dense.in_features, dense.out_features
-        q, scale, low = _int4_grid(dense.weight.detach().float())
+    def __init__(self, dense: nn.Linear, grid: Grid | None = None) -> None:
+        """grid: the weight's 4-bit grid when the caller has it already (_exact_int4_grid)."""
+        super().__init__(dense)
+        q, scale, low = grid if grid is not None else _int4_grid(dense.weight.detach().float())
         # The kernel's weight is (q - 8) * scale + zero, so zero = low + 8 * scale. (in / G, out, 2).
         scales = torch.stack([scale.t(), (low + 8 * scale).t()], dim=-1).to(dense.weight.dtype).contiguous()
         self.register_buffer("int4_weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1),
@@ -98,12 +120,9 @@ class Int4Linear(DualLinear):
     def _small(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.int4_weight, INT4_GROUP, self.int4_scales)
 
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int4 up to {self.small_rows} rows"
 
-
-def _int4_grid(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """weight (out, in) fp32 as q (out, in) int32 in 0..15, scale and low (out, in / G): w ≈ q * scale + low."""
+def _int4_grid(weight: torch.Tensor) -> Grid:
+    """weight (out, in) fp32 on its nearest 4-bit grid: w ≈ q * scale + low, per group of INT4_GROUP inputs."""
     out, inp = weight.shape
     groups = weight.reshape(out, inp // INT4_GROUP, INT4_GROUP)
     low, high = groups.amin(dim=-1), groups.amax(dim=-1)
@@ -112,12 +131,18 @@ def _int4_grid(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     return q.to(torch.int32).reshape(out, inp), scale, low
 
 
-def on_int4_grid(weight: torch.Tensor) -> bool:
-    """Whether a weight (out, in) is already 4-bit in groups of INT4_GROUP: re-quantized, it comes back within INT4_EXACT."""
+def _exact_int4_grid(weight: torch.Tensor) -> Grid | None:
+    """The weight's 4-bit grid if it is on one already (re-quantized, it comes back within INT4_EXACT), else None."""
     w = weight.detach().float()
     q, scale, low = _int4_grid(w)
     back = (q.reshape(*scale.shape, INT4_GROUP) * scale[..., None] + low[..., None]).reshape(w.shape)
-    return ((back - w).norm() / w.norm().clamp(min=1e-12)).item() < INT4_EXACT
+    exact = ((back - w).norm() / w.norm().clamp(min=1e-12)).item() < INT4_EXACT
+    return (q, scale, low) if exact else None
+
+
+def on_int4_grid(weight: torch.Tensor) -> bool:
+    """Whether a weight (out, in) is already 4-bit in groups of INT4_GROUP."""
+    return _exact_int4_grid(weight) is not None
 
 
 def can_use_int4(device: torch.device, dtype: torch.dtype, mode: str = "auto") -> bool:
@@ -134,7 +159,8 @@ def can_use(device: torch.device, dtype: torch.dtype, mode: str = "auto") -> boo
 
 
 def add_int8_copies(model: nn.Module, int4: str = "false", int8: bool = True) -> tuple[int, int]:
-    """Wrap the plain nn.Linear layers of `model`: (int4 copies, int8 copies) made. Checks the first of each kind.
+    """Wrap the plain nn.Linear layers of `model` in SmallBatchLinears: (int4 copies, int8 copies) made. Checks the
+    first of each kind.
 
     int4: STORYGEN_INT4's mode ("auto": the layers already on a 4-bit grid; "true": every layer whose
     widths fit the kernel; "false": none). The other layers get int8 copies if `int8`.
@@ -143,14 +169,17 @@ def add_int8_copies(model: nn.Module, int4: str = "false", int8: bool = True) ->
                if type(child) is nn.Linear]
     made = {Int4Linear: [], DualLinear: []}
     for parent, name, child in targets:
-        four = (int4 != "false" and child.in_features % INT4_GROUP == 0 and child.out_features % INT4_OUT == 0
-                and (int4 == "true" or on_int4_grid(child.weight)))
-        if not four and not int8:
+        fits = int4 != "false" and child.in_features % INT4_GROUP == 0 and child.out_features % INT4_OUT == 0
+        grid = _exact_int4_grid(child.weight) if fits and int4 == "auto" else None
+        if fits and (int4 == "true" or grid is not None):
+            layer = Int4Linear(child, grid=grid)
+        elif int8:
+            layer = DualLinear(child)
+        else:
             continue
-        kind = Int4Linear if four else DualLinear
-        setattr(parent, name, kind(child))
-        made[kind].append((parent, name, child))
-    for kind, layers in made.items():
+        setattr(parent, name, layer)
+        made[type(layer)].append((parent, name, child))
+    for layers in made.values():
         if layers and not _agrees(getattr(layers[0][0], layers[0][1])):  # a broken kernel, not rounding
             for parent, name, child in layers:
                 setattr(parent, name, child)
@@ -158,13 +187,12 @@ def add_int8_copies(model: nn.Module, int4: str = "false", int8: bool = True) ->
     return len(made[Int4Linear]), len(made[DualLinear])
 
 
-def _agrees(layer: DualLinear) -> bool:
+def _agrees(layer: SmallBatchLinear) -> bool:
     x = torch.randn(1, layer.in_features, dtype=layer.weight.dtype)
     with torch.inference_mode():
         dense, quantised = layer.dense(x).float(), layer(x).float()
     error = ((dense - quantised).norm() / dense.norm().clamp(min=1e-6)).item()
-    if error < (0.05 if type(layer) is DualLinear else 0.2):
+    if error < layer.tolerance:
         return True
-    logger.warning("%s weights disagree with the dense layer (relative error %.3f); not used",
-                   "int8" if type(layer) is DualLinear else "int4", error)
+    logger.warning("%s weights disagree with the dense layer (relative error %.3f); not used", layer.kind, error)
     return False

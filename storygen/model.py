@@ -21,10 +21,10 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig,
                           PreTrainedModel, PreTrainedTokenizerBase)
 
+from storygen import attention
 from storygen.config import StorygenConfig
 from storygen.endings import sentence_end_tokens
 from storygen.errors import ModelLoadError
-from storygen import attention
 from storygen.int8 import INT4_ROWS, SMALL_ROWS, add_int8_copies, can_use_int4
 from storygen.int8 import can_use as can_use_int8
 from storygen.onednn import can_pack, pack_linears
