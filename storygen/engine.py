@@ -259,19 +259,19 @@ class Engine:
         self._mask = torch.cat([self._mask, self._mask.new_ones(B, 1)], dim=1)  # (B, T+1)
         length = self._cache.get_seq_length()
         try:
-            out = self.lm.model(
-                input_ids=self._next[:, None],  # (B, 1)
-                attention_mask=self._mask if self._padded else None,
-                position_ids=self._positions[:, None],  # (B, 1): rows sit at different positions
-                use_cache=True,
-                **{self._cache_arg: self._cache},
-            )
+            inputs = {"input_ids": self._next[:, None],  # (B, 1)
+                      "attention_mask": self._mask if self._padded else None,
+                      "position_ids": self._positions[:, None]}  # (B, 1): rows sit at different positions
+            if self.lm.decoder is not None:  # Llama-family models: our lean step (decoder.py)
+                logits = self.lm.decoder(**inputs, cache=self._cache).logits[:, -1, :]
+            else:
+                logits = self.lm.model(**inputs, use_cache=True, **{self._cache_arg: self._cache}).logits[:, -1, :]
         except BaseException:
             self._mask = self._mask[:, :-1]
             self._crop(length)  # layers that already grew roll back, so the batch stays consistent
             raise
         self._positions = self._positions + 1
-        return out.logits[:, -1, :].float()  # (B, V); sampling's softmax and top-p sums want fp32, not bf16
+        return logits.float()  # (B, V); sampling's softmax and top-p sums want fp32, not bf16
 
     def _check_fits(self, seq: Sequence) -> None:
         length = len(seq.prompt_ids) + seq.params.length

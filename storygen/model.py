@@ -21,7 +21,9 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig,
                           PreTrainedModel, PreTrainedTokenizerBase)
 
-from storygen import attention
+from storygen import attention, kernels
+from storygen import decoder as lean
+from storygen.decoder import LeanDecoder
 from storygen.config import StorygenConfig
 from storygen.endings import sentence_end_tokens
 from storygen.errors import ModelLoadError
@@ -54,6 +56,7 @@ class LoadedModel:
     sentence_end_ids: frozenset[int] = frozenset()  # tokens that end a sentence ("." "!\"" "…")
     blank_ids: frozenset[int] = frozenset()  # tokens that are only whitespace
     model_config: PretrainedConfig | None = None
+    decoder: LeanDecoder | None = None  # our decode step for Llama-family models (decoder.py); None: transformers'
 
     @property
     def vocab_size(self) -> int:
@@ -206,10 +209,17 @@ def load_model(config: StorygenConfig) -> LoadedModel:
         fours, eights = add_int8_copies(model, int4, int8)
         logger.info("small-batch copies of the linear layers: %s int4 (up to %s rows), %s int8 (up to %s rows)",
                     fours, INT4_ROWS, eights, SMALL_ROWS)
+    kernel = None
     if attention.can_use(model, device, config.decode_attention):
-        model.set_attn_implementation(attention.register())
+        kernel = (kernels.load_decode_attention(config.cache_dir)
+                  if kernels.can_use(device, dtype, config.native_attention) else None)
+        model.set_attn_implementation(attention.register(kernel))
+        logger.info("decode attention: %s", "our C kernel" if kernel else "SDPA, grouped heads packed")
     lm = _assemble(config, source, model_id, local, tokenizer, model, model.config,
                    model.generation_config.eos_token_id, device, dtype)
+    if config.lean_decode != "false" and lean.supports(model):
+        lm.decoder = LeanDecoder(model, kernel)
+        logger.info("decode steps: storygen's lean Llama step (decoder.py)")
     logger.info("loaded %s (%s format) on %s as %s", model_id, lm.spec.format, device, dtype)
     return lm
 

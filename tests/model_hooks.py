@@ -22,14 +22,17 @@ def endless(lm):
 class ModelGate:
     """A forward pre-hook on the real model: records what it is fed, can hold the engine or fail a call."""
 
-    def __init__(self, model):
+    def __init__(self, model, decoder=None):
+        """model: the LoadedModel's model; decoder: its lean decode step (storygen/decoder.py), which
+        the engine calls instead of the model for decode steps, where there is one."""
         self.seen: list[list[int]] = []
         self.groups: list[list[int]] = []  # per prefill call: the length of each prompt in it
         self.open = threading.Event()
         self.open.set()
         self.entered = threading.Event()  # set once the model has been called
         self.fail_when = None  # callable(input_ids) -> exception or None
-        self._hook = model.register_forward_pre_hook(self._before, with_kwargs=True)
+        self._hooks = [m.register_forward_pre_hook(self._before, with_kwargs=True)
+                       for m in (model, decoder) if m is not None]
 
     def _before(self, module, args, kwargs):
         ids = kwargs["input_ids"]
@@ -45,12 +48,13 @@ class ModelGate:
             raise error
 
     def close(self):
-        self._hook.remove()
+        for hook in self._hooks:
+            hook.remove()
         self.open.set()
 
 
 @pytest.fixture
 def gate(lm):
-    g = ModelGate(lm.model)
+    g = ModelGate(lm.model, lm.decoder)
     yield g
     g.close()

@@ -68,8 +68,10 @@ class ScriptedModel:
         self.calls = 0  # forward passes begun (a held one included)
         self._open = threading.Event()
         self._open.set()
-        self._hooks = [lm.model.register_forward_pre_hook(self._before, with_kwargs=True),
-                       lm.model.register_forward_hook(self._after, with_kwargs=True)]
+        # The engine's decode steps go to lm.decoder where it has one (storygen/decoder.py): hook both.
+        self._hooks = [hook for m in (lm.model, lm.decoder) if m is not None
+                       for hook in (m.register_forward_pre_hook(self._before, with_kwargs=True),
+                                    m.register_forward_hook(self._after, with_kwargs=True))]
 
     def hold(self) -> None:
         self._open.clear()

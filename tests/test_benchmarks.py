@@ -183,3 +183,12 @@ def test_int8_bench_smoke_run():
     figures = dict(line.split(": ", 1) for line in result.stdout.splitlines() if not line.startswith("#"))
     assert abs(float(figures["perplexity_ratio"]) - 1) < 0.05
     assert re.fullmatch(r"step_speedup: \d+\.\d\d", result.stdout.strip().splitlines()[-1])
+
+
+def test_attention_bench_smoke_run():
+    result = subprocess.run([sys.executable, "benchmarks/attention_bench.py", "--smoke", "--rounds", "1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    assert float(figures["attention_speedup_16"]) > 0 and float(figures["kernel_ms_16x200"]) > 0
+    assert result.stdout.strip().splitlines()[-1].startswith("attention_speedup_16: ")

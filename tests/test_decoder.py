@@ -1,0 +1,96 @@
+"""The lean decode step for Llama-family models (storygen/decoder.py) against transformers' forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from storygen import decoder
+from storygen.config import Env, StorygenConfig
+from storygen.engine import Engine, Sequence
+from storygen.errors import ConfigError
+from storygen.kvcache import new_cache
+from storygen.model import load_model
+from storygen.sampling import SamplingParams
+from tests.conftest import tiny_config
+
+PROMPTS = [[5, 6, 7], [8] * 9, [10, 11], [12, 13, 14, 15, 16]]
+
+
+def _stories(lm, params: SamplingParams) -> list[list[int]]:
+    """Rows joining at different times, so steps run alone, aligned and left-padded."""
+    engine = Engine(lm, 4)
+    seqs = [Sequence(f"s{i}", prompt, params) for i, prompt in enumerate(PROMPTS)]
+    engine.start(seqs[0])
+    engine.step()  # alone: no mask
+    engine.start_many(seqs[1:3])  # the batch is left-padded now
+    engine.step()
+    engine.start(seqs[3])
+    while engine.rows:
+        engine.step()
+    return [seq.generated for seq in seqs]
+
+
+@pytest.fixture(scope="module")
+def lms(tiny_dirs, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lean")
+    return {mode: load_model(tiny_config(tiny_dirs["instruct"], "instruct", tmp, lean_decode=mode))
+            for mode in ("auto", "false")}
+
+
+def test_it_serves_llama_models_and_only_where_asked(lms, tiny_lms):
+    assert isinstance(lms["auto"].decoder, decoder.LeanDecoder)
+    assert lms["false"].decoder is None
+    assert tiny_lms["genre_tags"].decoder is None  # GPT-2: transformers' forward
+    assert not decoder.supports(tiny_lms["genre_tags"].model)
+
+
+def test_one_step_gives_transformers_logits_for_left_padded_rows_at_different_positions(lms):
+    lm = lms["auto"]
+    model = lm.model
+    rows = [[3, 4, 5, 6, 7, 8], [9, 10], [11, 12, 13, 14]]
+    width = max(map(len, rows))
+    ids = torch.tensor([[lm.pad_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        ours, theirs = new_cache(model.config), new_cache(model.config)
+        for cache in (ours, theirs):
+            model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        step = {"input_ids": torch.tensor([[20], [21], [22]]), "position_ids": mask.sum(1, keepdim=True),
+                "attention_mask": torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=1)}
+        want = model(**step, cache=theirs, use_cache=True).logits
+        got = lm.decoder(**step, cache=ours).logits
+        assert got.shape == want.shape == (3, 1, lm.vocab_size)
+        assert (got - want).abs().max().item() < 1e-4
+        for mine, reference in zip(ours.layers, theirs.layers):  # the step appended the same keys and values
+            assert torch.allclose(mine.keys, reference.keys, atol=1e-5)
+            assert torch.allclose(mine.values, reference.values, atol=1e-5)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(length=14, greedy=True),
+                                    SamplingParams(length=14, temperature=0.9, top_k=20, seed=3)])
+def test_the_engine_writes_the_same_stories_with_it(lms, params):
+    assert _stories(lms["auto"], params) == _stories(lms["false"], params)
+
+
+def test_in_bf16_it_stays_within_rounding_of_transformers(tiny_dirs, tmp_path):
+    lm = load_model(tiny_config(tiny_dirs["instruct"], "instruct", tmp_path, dtype="bfloat16"))
+    assert lm.decoder is not None
+    model = lm.model
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    with torch.inference_mode():
+        caches = [new_cache(model.config), new_cache(model.config)]
+        for cache in caches:
+            model(input_ids=ids, cache=cache, use_cache=True)
+        step = {"input_ids": torch.tensor([[9]]), "position_ids": torch.tensor([[5]])}
+        want = model(**step, cache=caches[1], use_cache=True).logits.float()
+        got = lm.decoder(**step, cache=caches[0]).logits.float()
+    assert (got - want).abs().max().item() < 0.05 * want.abs().max().item()
+
+
+def test_the_setting():
+    assert StorygenConfig.from_env(Env({}, env_file=None)).lean_decode == "auto"
+    assert StorygenConfig.from_env(Env({"STORYGEN_LEAN_DECODE": "false"}, env_file=None)).lean_decode == "false"
+    with pytest.raises(ConfigError, match="STORYGEN_LEAN_DECODE='true' is not allowed"):
+        StorygenConfig.from_env(Env({"STORYGEN_LEAN_DECODE": "true"}, env_file=None))
