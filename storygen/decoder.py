@@ -5,7 +5,8 @@ through a dozen modules with keyword plumbing, deprecation wrappers, hub-kernel 
 mask building: SmolLM2-135M's 30 layers make about 1,500 torch calls a step, and a lone
 story's step took ~20 ms where its int4 weights and cache take ~7 ms to read. This module
 does the same arithmetic for one new token per row in about half the calls: the model's own
-linear layers (with their int4/int8 copies, storygen/int8.py), one rms_norm call per norm,
+linear layers (with their int4/int8 copies, storygen/int8.py), q/k/v and gate/up each fused
+into one layer (their weights shared, not copied), one rms_norm call per norm,
 the rotary embedding computed once per step, the KV cache appended in place (kvcache.py),
 and attention through storygen/attention.py (our C kernel where it is built).
 
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from storygen.int8 import SmallBatchLinear
 from storygen.kernels import DecodeAttention
 
 logger = logging.getLogger(__name__)
@@ -37,13 +39,46 @@ class _Layer:
 
     norm_in: torch.Tensor  # (hidden,) input RMSNorm weight
     norm_post: torch.Tensor  # (hidden,) post-attention RMSNorm weight
-    q: nn.Module
-    k: nn.Module
-    v: nn.Module
+    qkv: nn.Module  # q, k and v in one linear layer: (B, hidden) -> (B, (H + 2 KV) D)
     o: nn.Module
-    gate: nn.Module
-    up: nn.Module
+    gate_up: nn.Module  # gate and up in one: (B, hidden) -> (B, 2 I)
     down: nn.Module
+
+
+def fuse(parts: list[nn.Module]) -> nn.Module:
+    """One linear layer that computes `parts` side by side (their outputs concatenated).
+
+    The parts' dense weights become views of the fused one, so no weight is held twice; a
+    fused layer gets the same kind of small-batch copy its parts had (int8.py), which is
+    exact: both are per output row. Parts of mixed kinds, with biases or packed for oneDNN
+    (fp32 on a CPU, onednn.py) are called one by one instead.
+    """
+    kinds = {type(part) for part in parts}
+    denses = [part.dense if isinstance(part, SmallBatchLinear) else part for part in parts]
+    plain = all(type(dense) is nn.Linear and dense.bias is None for dense in denses)  # not oneDNN-packed (onednn.py)
+    if len(kinds) != 1 or not plain:
+        return _Concat(parts)
+    weight = torch.cat([dense.weight.detach() for dense in denses])  # (sum of outs, in)
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    start = 0
+    for dense in denses:
+        rows = dense.weight.shape[0]
+        dense.weight = nn.Parameter(weight[start:start + rows], requires_grad=False)
+        start += rows
+    kind = kinds.pop()
+    return kind(fused) if issubclass(kind, SmallBatchLinear) else fused
+
+
+class _Concat(nn.Module):
+    """Parts that can't be fused, called one by one."""
+
+    def __init__(self, parts: list[nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=-1)
 
 
 def supports(model: nn.Module) -> bool:
@@ -85,10 +120,12 @@ class LeanDecoder(nn.Module):
     def __init__(self, model: nn.Module, kernel: DecodeAttention | None = None) -> None:
         super().__init__()
         inner, config = model.model, model.config
-        self.parts = _Parts(inner.embed_tokens, inner.rotary_emb, model.lm_head, inner.norm.weight, tuple(
-            _Layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
-                   layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
-                   layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj) for layer in inner.layers))
+        with torch.no_grad():
+            layers = tuple(_Layer(
+                layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                fuse([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]), layer.self_attn.o_proj,
+                fuse([layer.mlp.gate_proj, layer.mlp.up_proj]), layer.mlp.down_proj) for layer in inner.layers)
+        self.parts = _Parts(inner.embed_tokens, inner.rotary_emb, model.lm_head, inner.norm.weight, layers)
         self.eps = float(inner.norm.variance_epsilon)
         self.layer_eps = [(float(layer.input_layernorm.variance_epsilon),
                            float(layer.post_attention_layernorm.variance_epsilon)) for layer in inner.layers]
@@ -112,17 +149,17 @@ class LeanDecoder(nn.Module):
         cos, sin = parts.rotary(x, position_ids)
         half = D // 2
         for layer, (eps_in, eps_post), cache_layer in zip(parts.layers, self.layer_eps, cache.layers):
-            # 2. Attention: project, rotate (rotate_half, as transformers), append to the cache, attend.
-            h = _rms_norm(x, layer.norm_in, eps_in)
-            q = layer.q(h).view(B, H, D)
-            k = layer.k(h).view(B, KV, D)
-            q = q * cos + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin
-            k = k * cos + torch.cat((-k[..., half:], k[..., :half]), dim=-1) * sin
-            keys, values = cache_layer.update(k.view(B, KV, 1, D), layer.v(h).view(B, KV, 1, D))  # (B, KV, T+1, D)
-            x = x + layer.o(self._attend(q.view(B, KV, H // KV, D), keys, values, mask, sdpa_mask).view(B, H * D))
+            # 2. Attention: project q, k and v at once, rotate q and k together (rotate_half, as
+            #    transformers), append k and v to the cache, attend over it.
+            qkv = layer.qkv(_rms_norm(x, layer.norm_in, eps_in))  # (B, (H + 2 KV) D)
+            qk = qkv[:, : (H + KV) * D].view(B, H + KV, D)
+            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
+            keys, values = cache_layer.update(qk[:, H:, None], qkv[:, (H + KV) * D:].view(B, KV, 1, D))  # (B, KV, T+1, D)
+            x = x + layer.o(self._attend(qk[:, :H].view(B, KV, H // KV, D), keys, values, mask, sdpa_mask)
+                            .reshape(B, H * D))
             # 3. The MLP: down(silu(gate(h)) * up(h)).
-            h = _rms_norm(x, layer.norm_post, eps_post)
-            x = x + layer.down(nn.functional.silu(layer.gate(h)) * layer.up(h))
+            gate, up = layer.gate_up(_rms_norm(x, layer.norm_post, eps_post)).chunk(2, dim=-1)
+            x = x + layer.down(nn.functional.silu(gate) * up)
         return DecodeOutput(parts.lm_head(_rms_norm(x, parts.norm, self.eps))[:, None, :])  # (B, 1, V)
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,

@@ -94,3 +94,36 @@ def test_the_setting():
     assert StorygenConfig.from_env(Env({"STORYGEN_LEAN_DECODE": "false"}, env_file=None)).lean_decode == "false"
     with pytest.raises(ConfigError, match="STORYGEN_LEAN_DECODE='true' is not allowed"):
         StorygenConfig.from_env(Env({"STORYGEN_LEAN_DECODE": "true"}, env_file=None))
+
+
+def test_fused_layers_compute_their_parts_side_by_side_on_shared_weights():
+    from storygen.int8 import DualLinear, Int4Linear, _int4_grid
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+
+    def on_grid(out: int) -> torch.nn.Linear:  # a layer whose weight is 4-bit already, as a Q4_1 GGUF's are
+        layer = torch.nn.Linear(64, out, bias=False, dtype=torch.bfloat16)
+        q, scale, low = _int4_grid(layer.weight.float())
+        layer.weight.data = (q.reshape(out, 2, 32) * scale[..., None] + low[..., None]).reshape(out, 64).bfloat16()
+        return layer
+
+    for make in (lambda out: torch.nn.Linear(64, out, bias=False, dtype=torch.bfloat16),
+                 lambda out: DualLinear(torch.nn.Linear(64, out, bias=False, dtype=torch.bfloat16)),
+                 lambda out: Int4Linear(on_grid(out))):
+        parts = [make(32), make(16), make(16)]
+        with torch.inference_mode():
+            want = torch.cat([part(x) for part in parts], dim=-1)
+            fused = decoder.fuse(parts)
+            got = fused(x)
+            assert type(fused) is type(parts[0])
+            assert torch.equal(got, want)  # the same arithmetic row by row, not merely close
+            assert torch.equal(torch.cat([part(x) for part in parts], dim=-1), want)  # the parts still work
+        dense = fused.dense if isinstance(fused, (DualLinear, Int4Linear)) else fused
+        storage = dense.weight.untyped_storage().data_ptr()
+        assert all((p.dense if hasattr(p, "dense") else p).weight.untyped_storage().data_ptr() == storage
+                   for p in parts)  # no weight held twice
+
+    mixed = [torch.nn.Linear(64, 16, bias=False), torch.nn.Linear(64, 16, bias=True)]
+    with torch.inference_mode():
+        assert torch.equal(decoder.fuse(mixed)(x.float()), torch.cat([m(x.float()) for m in mixed], dim=-1))
