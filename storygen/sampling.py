@@ -187,10 +187,9 @@ def sample_next(
     # 1b. Steer towards an ending: each row's end-of-story logits rise by its own bias.
     if end_bias is not None and end_ids is not None and end_ids.numel():
         logits = logits.index_add(1, end_ids, end_bias[:, None].expand(B, end_ids.numel()))  # (B, V)
-    # 2. Greedy rows are done: the likeliest token (a pass over the vocabulary only when some row is greedy).
-    greedy_rows = knobs.greedy.tolist()
-    greedy_ids = logits.argmax(dim=-1) if any(greedy_rows) else None  # (B,)
-    if greedy_ids is not None and all(greedy_rows):
+    # 2. Greedy rows are done: the likeliest token.
+    greedy_ids = logits.argmax(dim=-1)  # (B,)
+    if bool(knobs.greedy.all()):
         return greedy_ids
     # 3. Temperature: flatten (T > 1) or sharpen (T < 1) each row's distribution.
     logits = logits / knobs.temperature[:, None]
@@ -208,10 +207,11 @@ def sample_next(
     # 6. Sample each row by inverting its CDF at one uniform draw from its own generator. One draw
     #    per row per step whatever the batch's K, so a seed gives the same story in any batch
     #    (torch.multinomial draws once per candidate, and K is the largest top_k in the batch).
+    greedy_rows = knobs.greedy.tolist()
     zero = torch.zeros(1, device=logits.device)
     draws = torch.cat([zero if is_greedy else torch.rand(1, generator=gen, device=logits.device)
                        for is_greedy, gen in zip(greedy_rows, generators)])  # (B,) in [0, 1)
     cdf = torch.cumsum(probs, dim=-1)  # (B, K); the last column is the mass top-p kept
     choice = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True)  # (B, 1)
     sampled = cand_ids.gather(-1, choice.clamp(max=cand_ids.shape[-1] - 1)).squeeze(-1)  # (B,)
-    return sampled if greedy_ids is None else torch.where(knobs.greedy, greedy_ids, sampled)
+    return torch.where(knobs.greedy, greedy_ids, sampled)
