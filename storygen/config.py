@@ -27,7 +27,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ONEDNN_MODES = ("auto", "true", "false")
 BACKENDS = ("local", "openai")
-INT8_MODES = INT4_MODES = DECODE_ATTENTION_MODES = NATIVE_ATTENTION_MODES = ("auto", "true", "false")
+INT8_MODES = INT4_MODES = DECODE_ATTENTION_MODES = CPU_KERNEL_MODES = ("auto", "true", "false")
 LEAN_DECODE_MODES = ("auto", "false")
 
 
@@ -141,7 +141,7 @@ class StorygenConfig:
     int8: str = "auto"  # on a CPU, int8 copies of the weights for batches of up to 4 (int8.py): auto (bf16), true, false
     int4: str = "auto"  # bf16 on a CPU, int4 copies for batches of up to 16 (int8.py): auto (layers already 4-bit), true, false
     decode_attention: str = "auto"  # a decode step's grouped heads packed for SDPA (attention.py): auto (CPU), true, false
-    native_attention: str = "auto"  # our C kernel for a decode step's attention (kernels.py): auto (bf16 on a CPU), true, false
+    cpu_kernels: str = "auto"  # our C kernels, decode attention and int4 matmul (kernels.py): auto (bf16 on a CPU), true, false
     lean_decode: str = "auto"  # decode steps of Llama-family models through decoder.py: auto, false (transformers' forward)
     cache_dir: Path = field(default_factory=_default_cache_dir)
     default_genre: str = "auto"
@@ -193,7 +193,7 @@ class StorygenConfig:
             int8=env.choice("STORYGEN_INT8", "auto", INT8_MODES),
             int4=env.choice("STORYGEN_INT4", "auto", INT4_MODES),
             decode_attention=env.choice("STORYGEN_DECODE_ATTENTION", "auto", DECODE_ATTENTION_MODES),
-            native_attention=env.choice("STORYGEN_NATIVE_ATTENTION", "auto", NATIVE_ATTENTION_MODES),
+            cpu_kernels=env.choice("STORYGEN_CPU_KERNELS", "auto", CPU_KERNEL_MODES),
             lean_decode=env.choice("STORYGEN_LEAN_DECODE", "auto", LEAN_DECODE_MODES),
             cache_dir=env.path("STORYGEN_CACHE_DIR", _default_cache_dir()),
             default_genre=env.str("STORYGEN_DEFAULT_GENRE", "auto"),

@@ -32,6 +32,8 @@ import logging
 import torch
 from torch import nn
 
+from storygen.kernels import INT4_MIN_ROWS, Int4Matmul
+
 logger = logging.getLogger(__name__)
 
 SMALL_ROWS = 4  # rows per call up to which the int8 copy is used
@@ -107,10 +109,13 @@ class Int4Linear(SmallBatchLinear):
     kind = "int4"
     tolerance = 0.2  # int4 of a full-precision layer is ~10 % off (STORYGEN_INT4=true); a broken kernel more
 
-    def __init__(self, dense: nn.Linear, grid: Grid | None = None) -> None:
-        """grid: the weight's 4-bit grid when the caller has it already (_exact_int4_grid)."""
+    def __init__(self, dense: nn.Linear, grid: Grid | None = None, native: Int4Matmul | None = None) -> None:
+        """grid: the weight's 4-bit grid when the caller has it already (_exact_int4_grid); native: our
+        kernel (storygen/kernels.py), for calls of INT4_MIN_ROWS rows and more, with its own copy."""
         super().__init__(dense)
         q, scale, low = grid if grid is not None else _int4_grid(dense.weight.detach().float())
+        self.native = native if native is not None and dense.weight.dtype == torch.bfloat16 else None
+        self.native_weight = Int4Matmul.pack(q, scale, low) if self.native is not None else None
         # The kernel's weight is (q - 8) * scale + zero, so zero = low + 8 * scale. (in / G, out, 2).
         scales = torch.stack([scale.t(), (low + 8 * scale).t()], dim=-1).to(dense.weight.dtype).contiguous()
         self.register_buffer("int4_weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1),
@@ -118,6 +123,8 @@ class Int4Linear(SmallBatchLinear):
         self.register_buffer("int4_scales", scales, persistent=False)
 
     def _small(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native is not None and x.shape[0] >= INT4_MIN_ROWS:
+            return self.native(x, self.native_weight, self.out_features)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.int4_weight, INT4_GROUP, self.int4_scales)
 
 
@@ -158,12 +165,14 @@ def can_use(device: torch.device, dtype: torch.dtype, mode: str = "auto") -> boo
     return dtype in (torch.bfloat16, torch.float32) if mode == "true" else dtype == torch.bfloat16
 
 
-def add_int8_copies(model: nn.Module, int4: str = "false", int8: bool = True) -> tuple[int, int]:
+def add_int8_copies(model: nn.Module, int4: str = "false", int8: bool = True,
+                    native: Int4Matmul | None = None) -> tuple[int, int]:
     """Wrap the plain nn.Linear layers of `model` in SmallBatchLinears: (int4 copies, int8 copies) made. Checks the
     first of each kind.
 
     int4: STORYGEN_INT4's mode ("auto": the layers already on a 4-bit grid; "true": every layer whose
-    widths fit the kernel; "false": none). The other layers get int8 copies if `int8`.
+    widths fit the kernel; "false": none). The other layers get int8 copies if `int8`. native: our
+    int4 kernel for 8 rows and more (storygen/kernels.py), or None.
     """
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                if type(child) is nn.Linear]
@@ -172,7 +181,7 @@ def add_int8_copies(model: nn.Module, int4: str = "false", int8: bool = True) ->
         fits = int4 != "false" and child.in_features % INT4_GROUP == 0 and child.out_features % INT4_OUT == 0
         grid = _exact_int4_grid(child.weight) if fits and int4 == "auto" else None
         if fits and (int4 == "true" or grid is not None):
-            layer = Int4Linear(child, grid=grid)
+            layer = Int4Linear(child, grid=grid, native=native)
         elif int8:
             layer = DualLinear(child)
         else:

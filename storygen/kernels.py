@@ -1,17 +1,22 @@
-"""Our one native kernel: attention for a decode step on a CPU (csrc/decode_attention.c).
+"""Our native kernels for a CPU, in C (storygen/csrc/), for the two places torch is slow here.
 
-torch's SDPA kernel, for one new token per row against a few hundred cached positions, is
-bound by its per-block overhead rather than by reading the cache: 12–15 ms of a batch-16 bf16
-step of SmolLM2-135M on a 2-core CPU at 200 positions. The C kernel reads each key and value
-row once for all the query heads that share it and takes 7–8 ms (benchmarks/attention_bench.py).
+- Attention for a decode step (csrc/decode_attention.c). torch's SDPA kernel, for one new
+  token per row against a few hundred cached positions, is bound by its per-block overhead
+  rather than by reading the cache: 12–15 ms of a batch-16 bf16 step of SmolLM2-135M on a
+  2-core CPU at 200 positions. The C kernel reads each key and value row once for all the
+  query heads that share it: 7–8 ms (benchmarks/kernels_bench.py).
+- int4 matmul for 8 to 16 rows (csrc/int4_matmul.c), on CPUs with AVX-512 BF16. torch's
+  weight-only int4 kernel dequantises the weight for every row, so at 16 rows it is slower
+  than bf16; this one dequantises each weight once per call and multiplies it into all rows
+  with the bf16 dot-product instruction: about 1.5x torch's at 16 rows (benchmarks/kernels_bench.py).
 
-It is built the first time it is needed, with the machine's C compiler (`cc`, or $CC), for
-this very CPU (-march=native), into STORYGEN_CACHE_DIR/kernels under a name that hashes the
-source, the flags, the compiler and the CPU's flags: later starts load it in milliseconds, and
-a cache moved to another machine builds its own. Built, it is checked against SDPA on random
-data. Where there is no compiler, the build fails or the check disagrees, the log says so once
-and attention stays with SDPA (storygen/attention.py): slower, never wrong.
-STORYGEN_NATIVE_ATTENTION: auto (bf16 on a CPU), false.
+They are built the first time they are needed, with the machine's C compiler (`cc`, or $CC),
+for this very CPU (-march=native), into STORYGEN_CACHE_DIR/kernels under a name that hashes
+the sources, the flags, the compiler and the CPU's flags: later starts load them in
+milliseconds, and a cache moved to another machine builds its own. Built, each is checked
+against torch on random data. Where there is no compiler, the build fails, a check disagrees
+or the CPU lacks an instruction set, the log says so once and torch's kernels are used:
+slower, never wrong. STORYGEN_CPU_KERNELS: auto (bf16 on a CPU), true, false.
 """
 
 from __future__ import annotations
@@ -24,13 +29,14 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "decode_attention.c"
+SOURCES = (Path(__file__).with_name("csrc") / "decode_attention.c", Path(__file__).with_name("csrc") / "int4_matmul.c")
 # -ffast-math lets gcc vectorise expf through glibc's libmvec. It is given to the compile step
 # only: linked with it, gcc adds crtfastmath.o, which would flush denormals for all of torch.
 COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC")
@@ -40,17 +46,18 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 BUILD_TIMEOUT_S = 120
 
 _I64 = ctypes.c_int64
-_ARGTYPES = [ctypes.c_int] + [ctypes.c_void_p] * 5 + [_I64] * 5 + [_I64] * 14 + [ctypes.c_int, ctypes.c_float]
+_ATTENTION_ARGS = [ctypes.c_int] + [ctypes.c_void_p] * 5 + [_I64] * 5 + [_I64] * 14 + [ctypes.c_int, ctypes.c_float]
+_INT4_ARGS = [ctypes.c_void_p] * 5 + [_I64] * 3 + [ctypes.c_int]
+INT4_MIN_ROWS, INT4_MAX_ROWS = 8, 16  # ours from 8 rows (measured: faster than torch's from 8, slower at 4)
 
 
 class DecodeAttention:
     """The loaded kernel: `softmax(q k^T * scale + mask) v` for one query position per row."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fn = ctypes.CDLL(str(path)).storygen_decode_attention
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._fn = library.storygen_decode_attention
         self._fn.restype = ctypes.c_int
-        self._fn.argtypes = _ARGTYPES
+        self._fn.argtypes = _ATTENTION_ARGS
 
     @staticmethod
     def fits(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> bool:
@@ -80,55 +87,107 @@ class DecodeAttention:
         return out
 
 
+class Int4Matmul:
+    """`x @ w.T` for a weight on a 4-bit grid (w = q * scale + low in groups of 32 inputs), 8 to 16 rows."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._fn = library.storygen_int4_matmul
+        self._fn.restype = ctypes.c_int
+        self._fn.argtypes = _INT4_ARGS
+
+    @staticmethod
+    def pack(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The kernel's layout of a grid: q (N, K) in 0..15; scale, low (N, K / 32). N % 16 == 0, K % 32 == 0."""
+        N, K = q.shape
+        q = q.to(torch.uint8).reshape(N // 16, 16, K // 2, 2)  # (blocks, column, pair, even/odd)
+        packed = (q[..., 0] | (q[..., 1] << 4)).permute(0, 2, 1).contiguous()  # (N / 16, K / 2, 16)
+        def per_block(t: torch.Tensor) -> torch.Tensor:
+            return t.float().reshape(N // 16, 16, K // 32).permute(0, 2, 1).contiguous()  # (N / 16, K / 32, 16)
+        return packed, per_block(scale), per_block(low)
+
+    def __call__(self, x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor], out_features: int,
+                 ) -> torch.Tensor:
+        """x (M, K) bf16, contiguous, M in 1..16; packed from `pack`. Returns (M, N) bf16."""
+        M, K = x.shape
+        y = x.new_empty(M, out_features)
+        weight, scale, low = packed
+        rc = self._fn(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), low.data_ptr(), y.data_ptr(),
+                      M, out_features, K, torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"int4 matmul kernel failed (code {rc})")
+        return y
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """What the built library offers on this CPU: each kernel, or None where it can't be used."""
+
+    attention: DecodeAttention | None
+    int4: Int4Matmul | None
+
+
 def can_use(device: torch.device, dtype: torch.dtype, mode: str = "auto") -> bool:
-    """Whether STORYGEN_NATIVE_ATTENTION=`mode` asks for the kernel: auto, bf16 on a CPU (in fp32 it is no
-    faster than SDPA); true, fp32 too."""
+    """Whether STORYGEN_CPU_KERNELS=`mode` asks for the kernels: auto, bf16 on a CPU (in fp32 the attention
+    kernel is no faster than SDPA, and the int4 one takes bf16 only); true, attention in fp32 too."""
     if mode == "false" or device.type != "cpu":
         return False
     return dtype in DTYPES if mode == "true" else dtype == torch.bfloat16
 
 
 @functools.lru_cache(maxsize=None)
-def load_decode_attention(cache_dir: Path) -> DecodeAttention | None:
-    """The kernel, built into `cache_dir` if it is not there yet and checked; None where it can't be had."""
+def load(cache_dir: Path) -> Kernels | None:
+    """The kernels, built into `cache_dir` if they are not there yet, and checked; None where they can't be had."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        logger.info("no C compiler (cc): decode attention stays with torch's SDPA; "
-                    "install gcc for the faster kernel (storygen/kernels.py)")
+        logger.info("no C compiler (cc): storygen's CPU kernels are off, torch's are used; "
+                    "install gcc for faster decode steps (storygen/kernels.py)")
         return None
     try:
-        path = _build(compiler, cache_dir)
-        kernel = DecodeAttention(path)
+        library = ctypes.CDLL(str(_build(compiler, cache_dir)))
     except (OSError, subprocess.SubprocessError) as error:
-        logger.warning("the decode attention kernel could not be built (%s); attention stays with torch's SDPA",
-                       _first_line(error))
+        logger.warning("storygen's CPU kernels could not be built (%s); torch's are used", _first_line(error))
         return None
-    error = _check(kernel)
-    if error > 0.02:
+    attention, int4 = DecodeAttention(library), Int4Matmul(library)
+    if (error := _check_attention(attention)) > 0.02:
         logger.warning("the decode attention kernel disagrees with SDPA (max error %.3g); not used", error)
-        return None
-    return kernel
+        attention = None
+    error = _check_int4(int4)
+    if error is None:
+        logger.info("this CPU has no AVX-512 BF16: int4 matmuls stay with torch's kernel")
+        int4 = None
+    elif error > 0.02:
+        logger.warning("the int4 matmul kernel disagrees with torch (relative error %.3g); not used", error)
+        int4 = None
+    return Kernels(attention, int4)
+
+
+def load_decode_attention(cache_dir: Path) -> DecodeAttention | None:
+    """The attention kernel alone (load's), or None."""
+    kernels = load(cache_dir)
+    return kernels.attention if kernels is not None else None
 
 
 def _build(compiler: str, cache_dir: Path) -> Path:
-    """The kernel's shared library for this source, compiler and CPU: built once, then reused."""
+    """The kernels' shared library for these sources, compiler and CPU: built once, then reused."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(COMPILE_FLAGS + LINK_FLAGS), version,
-                                    _cpu_flags()]).encode()).hexdigest()[:16]
-    target = cache_dir / "kernels" / f"decode_attention-{key}.so"
+    key = hashlib.sha256("\0".join([*(source.read_text() for source in SOURCES), " ".join(COMPILE_FLAGS + LINK_FLAGS),
+                                    version, _cpu_flags()]).encode()).hexdigest()[:16]
+    target = cache_dir / "kernels" / f"storygen-{key}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        obj, lib = Path(tmp) / "decode_attention.o", Path(tmp) / target.name
-        for command in ([compiler, *COMPILE_FLAGS, "-c", str(SOURCE), "-o", str(obj)],
-                        [compiler, *LINK_FLAGS, str(obj), "-o", str(lib), "-lm"]):
+        objects = [Path(tmp) / (source.stem + ".o") for source in SOURCES]
+        lib = Path(tmp) / target.name
+        commands = [[compiler, *COMPILE_FLAGS, "-c", str(source), "-o", str(obj)] for source, obj in zip(SOURCES, objects)]
+        commands.append([compiler, *LINK_FLAGS, *map(str, objects), "-o", str(lib), "-lm"])
+        for command in commands:
             done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
             if done.returncode:
                 errors = [line for line in done.stderr.splitlines() if "error" in line] or [f"exit {done.returncode}"]
                 raise OSError(f"{' '.join(command[:2])} …: {errors[0].strip()}")
         os.replace(lib, target)  # atomic: another process sees the whole library or none
-    logger.info("built the decode attention kernel: %s", target)
+    logger.info("built storygen's CPU kernels: %s", target)
     return target
 
 
@@ -140,7 +199,7 @@ def _cpu_flags() -> str:
     return next((line for line in text.splitlines() if line.startswith("flags")), "")
 
 
-def _check(kernel: DecodeAttention) -> float:
+def _check_attention(kernel: DecodeAttention) -> float:
     """Largest difference from SDPA (fp32) over a masked bf16 and an fp32 case."""
     generator = torch.Generator().manual_seed(0)
     worst = 0.0
@@ -154,6 +213,21 @@ def _check(kernel: DecodeAttention) -> float:
             got = kernel(q.to(dtype), k.to(dtype), v.to(dtype), mask, 16 ** -0.5).float()
         worst = max(worst, (got - want).abs().max().item())
     return worst
+
+
+def _check_int4(kernel: Int4Matmul) -> float | None:
+    """Relative error against an fp32 matmul of the same 4-bit weight; None where the CPU lacks AVX-512 BF16."""
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (32, 64), generator=generator)
+    scale, low = torch.rand(32, 2, generator=generator) / 8, torch.randn(32, 2, generator=generator) / 4
+    weight = (q.reshape(32, 2, 32) * scale[..., None] + low[..., None]).reshape(32, 64)
+    x = torch.randn(16, 64, generator=generator).bfloat16()
+    want = x.float() @ weight.t()
+    try:
+        got = kernel(x, Int4Matmul.pack(q, scale, low), 32).float()
+    except RuntimeError:  # code 3: built without AVX-512 BF16
+        return None
+    return ((got - want).norm() / want.norm()).item()
 
 
 def _first_line(error: BaseException) -> str:

@@ -203,16 +203,16 @@ def load_model(config: StorygenConfig) -> LoadedModel:
     model.to(device).eval()
     if can_pack(device, dtype, config.onednn):
         logger.info("packed %s linear layers for oneDNN", pack_linears(model))
+    native = kernels.load(config.cache_dir) if kernels.can_use(device, dtype, config.cpu_kernels) else None
     int4 = config.int4 if can_use_int4(device, dtype, config.int4) else "false"
     int8 = can_use_int8(device, dtype, config.int8)
     if int8 or int4 != "false":
-        fours, eights = add_int8_copies(model, int4, int8)
+        fours, eights = add_int8_copies(model, int4, int8, native.int4 if native is not None else None)
         logger.info("small-batch copies of the linear layers: %s int4 (up to %s rows), %s int8 (up to %s rows)",
                     fours, INT4_ROWS, eights, SMALL_ROWS)
     kernel = None
     if attention.can_use(model, device, config.decode_attention):
-        kernel = (kernels.load_decode_attention(config.cache_dir)
-                  if kernels.can_use(device, dtype, config.native_attention) else None)
+        kernel = native.attention if native is not None else None
         model.set_attn_implementation(attention.register(kernel))
         logger.info("decode attention: %s", "our C kernel" if kernel else "SDPA, grouped heads packed")
     lm = _assemble(config, source, model_id, local, tokenizer, model, model.config,

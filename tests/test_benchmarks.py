@@ -185,8 +185,8 @@ def test_int8_bench_smoke_run():
     assert re.fullmatch(r"step_speedup: \d+\.\d\d", result.stdout.strip().splitlines()[-1])
 
 
-def test_attention_bench_smoke_run():
-    result = subprocess.run([sys.executable, "benchmarks/attention_bench.py", "--smoke", "--rounds", "1"],
+def test_kernels_bench_smoke_run():
+    result = subprocess.run([sys.executable, "benchmarks/kernels_bench.py", "--smoke", "--rounds", "1"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     figures = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)

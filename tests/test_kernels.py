@@ -18,10 +18,23 @@ needs_cc = pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")),
 
 
 @pytest.fixture(scope="module")
-def kernel(tmp_path_factory):
-    built = kernels.load_decode_attention(tmp_path_factory.mktemp("kernels"))
-    assert built is not None, "the kernel did not build or disagreed with SDPA (see the log)"
+def library(tmp_path_factory):
+    built = kernels.load(tmp_path_factory.mktemp("kernels"))
+    assert built is not None, "the kernels did not build (see the log)"
     return built
+
+
+@pytest.fixture(scope="module")
+def kernel(library):
+    assert library.attention is not None, "the attention kernel disagreed with SDPA (see the log)"
+    return library.attention
+
+
+def _has_avx512_bf16() -> bool:
+    try:
+        return "avx512_bf16" in open("/proc/cpuinfo").read()
+    except OSError:
+        return False
 
 
 def _case(B, KV, G, T, D, dtype, spare=5, seed=0):
@@ -96,19 +109,62 @@ def test_a_second_load_reuses_the_built_library(tmp_path):
     assert [p.name for p in (tmp_path / "kernels").iterdir()] == [first.name]  # no temporary files left
 
 
+@needs_cc
+def test_the_int4_kernel_is_there_exactly_where_the_cpu_has_avx512_bf16(library):
+    assert (library.int4 is not None) == _has_avx512_bf16()
+
+
+@needs_cc
+@pytest.mark.skipif(not _has_avx512_bf16(), reason="this CPU has no AVX-512 BF16: int4 matmuls stay with torch's")
+@pytest.mark.parametrize("M", [1, 5, 8, 9, 16])
+@pytest.mark.parametrize("N,K", [(16, 32), (48, 96), (160, 64)])
+def test_int4_matmul_matches_the_dequantised_weight_and_torchs_kernel(library, M, N, K):
+    from storygen.int8 import Int4Linear, _int4_grid
+
+    g = torch.Generator().manual_seed(M * 1000 + N + K)
+    q, scale, low = _int4_grid(torch.randn(N, K, generator=g))
+    weight = (q.reshape(N, K // 32, 32) * scale[..., None] + low[..., None]).reshape(N, K)  # exactly on the grid
+    x = torch.randn(M, K, generator=g).bfloat16()
+    want = x.float() @ weight.t()
+    got = library.int4(x, library.int4.pack(q, scale, low), N)
+    assert got.shape == (M, N) and got.dtype == torch.bfloat16
+    assert ((got.float() - want).norm() / want.norm()).item() < 1e-2  # bf16 output rounding
+    dense = torch.nn.Linear(K, N, bias=False, dtype=torch.bfloat16)
+    dense.weight.data = weight.bfloat16()
+    theirs = Int4Linear(dense, grid=(q, scale, low))._small(x).float()  # torch's int4 kernel
+    assert ((got.float() - theirs).norm() / theirs.norm()).item() < 1e-2
+
+
+@needs_cc
+@pytest.mark.skipif(not _has_avx512_bf16(), reason="this CPU has no AVX-512 BF16: int4 matmuls stay with torch's")
+def test_an_int4_layer_uses_it_from_eight_rows_and_torchs_below(library, monkeypatch):
+    from storygen.int8 import Int4Linear
+
+    calls = []
+    native = library.int4
+    monkeypatch.setattr(type(native), "__call__", lambda self, *a: calls.append(a[0].shape[0]) or torch.zeros(a[0].shape[0], a[2], dtype=torch.bfloat16))
+    layer = Int4Linear(torch.nn.Linear(64, 32, bias=False, dtype=torch.bfloat16), native=native)
+    with torch.inference_mode():
+        for rows in (1, 4, 7, 8, 16, 17):
+            layer(torch.randn(rows, 64, dtype=torch.bfloat16))
+    assert calls == [8, 16]  # 17 rows: the dense bf16 layer
+    fp32 = Int4Linear(torch.nn.Linear(64, 32, bias=False), native=native)
+    assert fp32.native is None  # the kernel takes bf16 only
+
+
 @pytest.mark.parametrize("cc,said", [("/nonexistent/cc", "could not be built"), ("false", "could not be built")])
 def test_without_a_working_compiler_it_is_none_and_says_so_once(tmp_path, monkeypatch, caplog, cc, said):
     monkeypatch.setenv("CC", cc)
     with caplog.at_level(logging.INFO, logger="storygen.kernels"):
-        assert kernels.load_decode_attention(tmp_path) is None
-    assert said in caplog.text and "SDPA" in caplog.text
+        assert kernels.load(tmp_path) is None
+    assert said in caplog.text and "torch's are used" in caplog.text
     assert len(caplog.records) == 1
 
 
 def test_the_setting_and_where_it_applies():
-    assert StorygenConfig.from_env(Env({}, env_file=None)).native_attention == "auto"
-    with pytest.raises(ConfigError, match="STORYGEN_NATIVE_ATTENTION='yes' is not allowed"):
-        StorygenConfig.from_env(Env({"STORYGEN_NATIVE_ATTENTION": "yes"}, env_file=None))
+    assert StorygenConfig.from_env(Env({}, env_file=None)).cpu_kernels == "auto"
+    with pytest.raises(ConfigError, match="STORYGEN_CPU_KERNELS='yes' is not allowed"):
+        StorygenConfig.from_env(Env({"STORYGEN_CPU_KERNELS": "yes"}, env_file=None))
     cpu = torch.device("cpu")
     assert kernels.can_use(cpu, torch.bfloat16) and not kernels.can_use(cpu, torch.float32)
     assert kernels.can_use(cpu, torch.float32, "true") and not kernels.can_use(cpu, torch.bfloat16, "false")
