@@ -91,15 +91,16 @@ def main(argv: list[str] | None = None) -> None:
             hidden = kv * group * D
             shapes = [(hidden + 2 * kv * D, hidden), (hidden, hidden), (2 * 1536, hidden), (hidden, 1536)] if not args.smoke \
                 else [(64, 32), (32, 64)]
-            linears = _int4_layers(layers, shapes, kernels.int4)
+            linears = _int4_layers(layers, shapes, kernels.int4)  # ours
+            theirs = [Int4Linear(m.dense) for m in linears]  # torch's kernel, the same weights
             for rows in (1, 8, 16):
                 xs = {layer.in_features: torch.randn(rows, layer.in_features, dtype=torch.bfloat16) for layer in linears}
                 ops = torch.ops.aten._weight_int4pack_mm_for_cpu
                 a, b = [], []
                 with torch.inference_mode():
                     for _ in range(args.rounds):
-                        a.append(_time(lambda: [ops(xs[m.in_features], m.int4_weight, 32, m.int4_scales)
-                                                for m in linears], repeats))
+                        a.append(_time(lambda: [ops(xs[t.in_features], t.int4_weight, 32, t.int4_scales)
+                                                for t in theirs], repeats))
                         b.append(_time(lambda: [m.native(xs[m.in_features], m.native_weight, m.out_features)
                                                 for m in linears], repeats))
                 torch_ms, ours_ms = statistics.median(a), statistics.median(b)

@@ -32,7 +32,7 @@ import logging
 import torch
 from torch import nn
 
-from storygen.kernels import INT4_MIN_ROWS, Int4Matmul
+from storygen.kernels import Int4Matmul
 
 logger = logging.getLogger(__name__)
 
@@ -111,19 +111,21 @@ class Int4Linear(SmallBatchLinear):
 
     def __init__(self, dense: nn.Linear, grid: Grid | None = None, native: Int4Matmul | None = None) -> None:
         """grid: the weight's 4-bit grid when the caller has it already (_exact_int4_grid); native: our
-        kernel (storygen/kernels.py), for calls of INT4_MIN_ROWS rows and more, with its own copy."""
+        kernel (storygen/kernels.py), used instead of torch's for a bf16 layer (its own packing of the grid)."""
         super().__init__(dense)
         q, scale, low = grid if grid is not None else _int4_grid(dense.weight.detach().float())
         self.native = native if native is not None and dense.weight.dtype == torch.bfloat16 else None
-        self.native_weight = Int4Matmul.pack(q, scale, low) if self.native is not None else None
-        # The kernel's weight is (q - 8) * scale + zero, so zero = low + 8 * scale. (in / G, out, 2).
+        if self.native is not None:
+            self.native_weight = Int4Matmul.pack(q, scale, low)
+            return
+        # torch's kernel's weight is (q - 8) * scale + zero, so zero = low + 8 * scale. (in / G, out, 2).
         scales = torch.stack([scale.t(), (low + 8 * scale).t()], dim=-1).to(dense.weight.dtype).contiguous()
         self.register_buffer("int4_weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1),
                              persistent=False)
         self.register_buffer("int4_scales", scales, persistent=False)
 
     def _small(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native is not None and x.shape[0] >= INT4_MIN_ROWS:
+        if self.native is not None:
             return self.native(x, self.native_weight, self.out_features)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.int4_weight, INT4_GROUP, self.int4_scales)
 

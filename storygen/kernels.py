@@ -5,10 +5,11 @@
   rather than by reading the cache: 12–15 ms of a batch-16 bf16 step of SmolLM2-135M on a
   2-core CPU at 200 positions. The C kernel reads each key and value row once for all the
   query heads that share it: 7–8 ms (benchmarks/kernels_bench.py).
-- int4 matmul for 8 to 16 rows (csrc/int4_matmul.c), on CPUs with AVX-512 BF16. torch's
+- int4 matmul for up to 16 rows (csrc/int4_matmul.c), on CPUs with AVX-512 BF16. torch's
   weight-only int4 kernel dequantises the weight for every row, so at 16 rows it is slower
-  than bf16; this one dequantises each weight once per call and multiplies it into all rows
-  with the bf16 dot-product instruction: about 1.5x torch's at 16 rows (benchmarks/kernels_bench.py).
+  than bf16; this one turns each 4-bit value into bf16 once per call, multiplies it into all
+  rows with the bf16 dot-product instruction, and applies each group's scale and minimum to
+  the sums: about 2x torch's at 8 and 16 rows, 1.6x at 4, the same at 1 (benchmarks/kernels_bench.py).
 
 They are built the first time they are needed, with the machine's C compiler (`cc`, or $CC),
 for this very CPU (-march=native), into STORYGEN_CACHE_DIR/kernels under a name that hashes
@@ -48,7 +49,6 @@ BUILD_TIMEOUT_S = 120
 _I64 = ctypes.c_int64
 _ATTENTION_ARGS = [ctypes.c_int] + [ctypes.c_void_p] * 5 + [_I64] * 5 + [_I64] * 14 + [ctypes.c_int, ctypes.c_float]
 _INT4_ARGS = [ctypes.c_void_p] * 5 + [_I64] * 3 + [ctypes.c_int]
-INT4_MIN_ROWS, INT4_MAX_ROWS = 8, 16  # ours from 8 rows (measured: faster than torch's from 8, slower at 4)
 
 
 class DecodeAttention:
@@ -88,7 +88,7 @@ class DecodeAttention:
 
 
 class Int4Matmul:
-    """`x @ w.T` for a weight on a 4-bit grid (w = q * scale + low in groups of 32 inputs), 8 to 16 rows."""
+    """`x @ w.T` for a weight on a 4-bit grid (w = q * scale + low in groups of 32 inputs), 1 to 16 rows."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self._fn = library.storygen_int4_matmul

@@ -137,19 +137,21 @@ def test_int4_matmul_matches_the_dequantised_weight_and_torchs_kernel(library, M
 
 @needs_cc
 @pytest.mark.skipif(not _has_avx512_bf16(), reason="this CPU has no AVX-512 BF16: int4 matmuls stay with torch's")
-def test_an_int4_layer_uses_it_from_eight_rows_and_torchs_below(library, monkeypatch):
+def test_an_int4_layer_uses_it_for_up_to_sixteen_rows_in_bf16(library, monkeypatch):
     from storygen.int8 import Int4Linear
 
     calls = []
     native = library.int4
-    monkeypatch.setattr(type(native), "__call__", lambda self, *a: calls.append(a[0].shape[0]) or torch.zeros(a[0].shape[0], a[2], dtype=torch.bfloat16))
+    monkeypatch.setattr(type(native), "__call__", lambda self, *a: calls.append(a[0].shape[0])
+                        or torch.zeros(a[0].shape[0], a[2], dtype=torch.bfloat16))
     layer = Int4Linear(torch.nn.Linear(64, 32, bias=False, dtype=torch.bfloat16), native=native)
+    assert not hasattr(layer, "int4_weight")  # torch's packing is not kept beside ours
     with torch.inference_mode():
-        for rows in (1, 4, 7, 8, 16, 17):
+        for rows in (1, 4, 16, 17):
             layer(torch.randn(rows, 64, dtype=torch.bfloat16))
-    assert calls == [8, 16]  # 17 rows: the dense bf16 layer
+    assert calls == [1, 4, 16]  # 17 rows: the dense bf16 layer
     fp32 = Int4Linear(torch.nn.Linear(64, 32, bias=False), native=native)
-    assert fp32.native is None  # the kernel takes bf16 only
+    assert fp32.native is None and hasattr(fp32, "int4_weight")  # the kernel takes bf16 only
 
 
 @pytest.mark.parametrize("cc,said", [("/nonexistent/cc", "could not be built"), ("false", "could not be built")])

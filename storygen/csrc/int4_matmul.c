@@ -3,8 +3,9 @@
  * torch's CPU kernel for weight-only int4 (aten._weight_int4pack_mm_for_cpu) dequantises the
  * weight for every row it multiplies, so at 16 rows it is bound by that arithmetic: 340 us
  * for a 3072 x 576 layer on a 2-core AVX-512 CPU, slower than the bf16 matmul. Here each
- * weight is dequantised once per call, to bf16, and multiplied into every row with
- * AVX-512 BF16's dot-product instruction (vdpbf16ps: 32 products a cycle into fp32 sums).
+ * weight's 4-bit values are turned into bf16 once per call (a table lookup) and multiplied
+ * into every row with AVX-512 BF16's dot-product instruction (vdpbf16ps, into fp32 sums); the
+ * scale and minimum of each group of 32 are applied to those sums.
  * storygen/kernels.py builds it for the CPU it runs on (-march=native); where the CPU lacks
  * AVX-512 BF16 the function reports so and torch's kernel is used.
  *
@@ -16,61 +17,85 @@
  *   y       (M, N) bf16
  */
 #include <stdint.h>
-#include <string.h>
+#include <stdlib.h>
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
 
-/* 16 columns x 2 inputs of the weight, dequantised and packed as bf16 pairs (low: even k). */
-static inline __m512i weight_pairs(const uint8_t *bytes, __m512 scale, __m512 low) {
+/* 16 columns x 2 inputs of the weight's 4-bit values, as bf16 pairs (low half: even k). The
+ * values are the integers 0..15, which bf16 holds exactly; their scale and minimum are applied
+ * per group of 32 inputs, to the sums (see DEFINE_BLOCK). */
+static inline __m512i weight_pairs(const uint8_t *bytes, __m512i levels) {
     const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)bytes));
-    const __m512 even = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(15))), scale, low);
-    const __m512 odd = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), scale, low);
-    const __m512i e = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(even));
-    const __m512i o = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(odd));
-    return _mm512_or_si512(e, _mm512_slli_epi32(o, 16));
+    const __m512i index = _mm512_or_si512(_mm512_and_si512(q, _mm512_set1_epi32(0x0F)),
+                                          _mm512_slli_epi32(_mm512_and_si512(q, _mm512_set1_epi32(0xF0)), 12));
+    return _mm512_permutexvar_epi16(index, levels); /* each 16-bit half: bf16 of its nibble */
 }
 
-/* One block of 16 output columns for MR rows (MR a constant, so the sums stay in registers). */
+/* One block of 16 output columns for MR rows (MR a constant, so the sums stay in registers).
+ * Within a group of 32 inputs the weight is q * scale + low, so a row's dot product over the
+ * group is scale * (x . q) + low * sum(x): x . q comes from the bf16 dot-product instruction,
+ * exactly (small integers times bf16 fit fp32), and sum(x) per row and group is computed once
+ * per call (xsum). */
 #define DEFINE_BLOCK(MR)                                                                              \
-    static void block_##MR(const uint32_t *x, int64_t M, int64_t K, const uint8_t *packed,          \
-                           const float *scale, const float *low, uint16_t *y, int64_t N, int64_t b) { \
-        __m512 acc[MR];                                                                               \
-        const uint32_t *rows[MR];                                                                     \
-        static const uint32_t zeros[1] = {0};                                                         \
-        for (int m = 0; m < MR; ++m) {                                                                \
-            acc[m] = _mm512_setzero_ps();                                                             \
-            rows[m] = m < M ? x + m * (K / 2) : zeros;                                                \
-        }                                                                                             \
-        const int64_t pairs = K / 2;                                                                  \
-        for (int64_t g = 0; g < K / 32; ++g) {                                                        \
-            const __m512 s = _mm512_loadu_ps(scale + (b * (K / 32) + g) * 16);                        \
-            const __m512 l = _mm512_loadu_ps(low + (b * (K / 32) + g) * 16);                          \
+    static void block_##MR(const uint32_t *x, const float *xsum, int64_t M, int64_t K,                \
+                           const uint8_t *packed, const float *scale, const float *low, uint16_t *y,  \
+                           int64_t N, int64_t b, __m512i levels) {                                    \
+        __m512 acc[MR], part[MR];                                                                     \
+        for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();                                    \
+        const int64_t pairs = K / 2, groups = K / 32;                                                 \
+        for (int64_t g = 0; g < groups; ++g) {                                                        \
+            for (int m = 0; m < MR; ++m) part[m] = _mm512_setzero_ps();                               \
             for (int64_t p = g * 16; p < g * 16 + 16; ++p) {                                          \
-                const __m512i w = weight_pairs(packed + (b * pairs + p) * 16, s, l);                  \
+                const __m512i w = weight_pairs(packed + (b * pairs + p) * 16, levels);                \
                 for (int m = 0; m < MR; ++m) {                                                        \
-                    const uint32_t xp = m < M ? rows[m][p] : 0u;                                      \
-                    acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)w, (__m512bh)_mm512_set1_epi32((int)xp)); \
+                    const uint32_t xp = m < M ? x[m * pairs + p] : 0u;                                \
+                    part[m] = _mm512_dpbf16_ps(part[m], (__m512bh)w, (__m512bh)_mm512_set1_epi32((int)xp)); \
                 }                                                                                     \
+            }                                                                                         \
+            const __m512 s = _mm512_loadu_ps(scale + (b * groups + g) * 16);                          \
+            const __m512 l = _mm512_loadu_ps(low + (b * groups + g) * 16);                            \
+            for (int m = 0; m < MR; ++m) {                                                            \
+                acc[m] = _mm512_fmadd_ps(part[m], s, acc[m]);                                         \
+                acc[m] = _mm512_fmadd_ps(l, _mm512_set1_ps(m < M ? xsum[m * groups + g] : 0.0f), acc[m]); \
             }                                                                                         \
         }                                                                                             \
         for (int m = 0; m < MR && m < M; ++m)                                                         \
             _mm256_storeu_si256((__m256i *)(y + m * N + b * 16), (__m256i)_mm512_cvtneps_pbh(acc[m])); \
     }
 
+DEFINE_BLOCK(4)
 DEFINE_BLOCK(8)
 DEFINE_BLOCK(16)
 
 int storygen_int4_matmul(const uint16_t *x, const uint8_t *packed, const float *scale, const float *low, uint16_t *y,
                          int64_t M, int64_t N, int64_t K, int nthreads) {
     if (M < 1 || M > 16 || N % 16 || K % 32) return 1;
+    const int64_t groups = K / 32;
+    float *xsum = (float *)malloc(sizeof(float) * (size_t)(M * groups)); /* (M, K / 32): each row's sum per group */
+    if (xsum == NULL) return 2;
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t g = 0; g < groups; ++g) {
+            const __m512 lo = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(x + m * K + g * 32)));
+            const __m512 hi = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(x + m * K + g * 32 + 16)));
+            xsum[m * groups + g] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
+        }
+    uint16_t table[32];
+    for (int i = 0; i < 32; ++i) {
+        union { float f; uint32_t u; } level = {.f = (float)(i & 15)};
+        table[i] = (uint16_t)(level.u >> 16); /* exact: 0..15 need 4 significant bits */
+    }
+    const __m512i levels = _mm512_loadu_si512(table);
 #pragma omp parallel for num_threads(nthreads > 0 ? nthreads : 1) schedule(static)
     for (int64_t b = 0; b < N / 16; ++b) {
-        if (M <= 8)
-            block_8((const uint32_t *)x, M, K, packed, scale, low, y, N, b);
+        if (M <= 4)
+            block_4((const uint32_t *)x, xsum, M, K, packed, scale, low, y, N, b, levels);
+        else if (M <= 8)
+            block_8((const uint32_t *)x, xsum, M, K, packed, scale, low, y, N, b, levels);
         else
-            block_16((const uint32_t *)x, M, K, packed, scale, low, y, N, b);
+            block_16((const uint32_t *)x, xsum, M, K, packed, scale, low, y, N, b, levels);
     }
+    free(xsum);
     return 0;
 }
 
