@@ -28,7 +28,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 ONEDNN_MODES = ("auto", "true", "false")
 BACKENDS = ("local", "openai")
 INT8_MODES = INT4_MODES = DECODE_ATTENTION_MODES = CPU_KERNEL_MODES = ("auto", "true", "false")
-LEAN_DECODE_MODES = ("auto", "false")
+LEAN_DECODE_MODES = ("auto", "true", "false")
 
 
 class Secret:
@@ -142,7 +142,7 @@ class StorygenConfig:
     int4: str = "auto"  # bf16 on a CPU, int4 copies for batches of up to 16 (int8.py): auto (layers already 4-bit), true, false
     decode_attention: str = "auto"  # a decode step's grouped heads packed for SDPA (attention.py): auto (CPU), true, false
     cpu_kernels: str = "auto"  # our C kernels, decode attention and int4 matmul (kernels.py): auto (bf16 on a CPU), true, false
-    lean_decode: str = "auto"  # decode steps of Llama-family models through decoder.py: auto, false (transformers' forward)
+    lean_decode: str = "auto"  # decode steps of Llama-family models through decoder.py: auto (CPU), true, false
     cache_dir: Path = field(default_factory=_default_cache_dir)
     default_genre: str = "auto"
     defaults: SamplingParams = SamplingParams()

@@ -13,7 +13,8 @@ and attention through storygen/attention.py (our C kernel where it is built).
 It serves decode steps only, for models whose layers are exactly transformers' Llama layers
 (checked at load, `supports`); prefill, other architectures and `generate()` stay with
 transformers. tests/test_decoder.py checks it against transformers' forward, token by token.
-STORYGEN_LEAN_DECODE: auto (on where supported), false.
+STORYGEN_LEAN_DECODE: auto (on a CPU, where supported), true (any device), false. It is plain
+torch and should serve a GPU too, but no GPU has run it yet, so auto leaves GPUs to transformers.
 """
 
 from __future__ import annotations
@@ -110,6 +111,11 @@ class _Parts:
 @dataclass
 class DecodeOutput:
     logits: torch.Tensor  # (B, 1, V) in the model's dtype, as transformers' output has them
+
+
+def can_use(model: nn.Module, device: torch.device, mode: str = "auto") -> bool:
+    """Whether STORYGEN_LEAN_DECODE=`mode` puts `model`'s decode steps here."""
+    return mode != "false" and supports(model) and (mode == "true" or device.type == "cpu")
 
 
 class LeanDecoder(nn.Module):

@@ -217,7 +217,7 @@ def load_model(config: StorygenConfig) -> LoadedModel:
         logger.info("decode attention: %s", "our C kernel" if kernel else "SDPA, grouped heads packed")
     lm = _assemble(config, source, model_id, local, tokenizer, model, model.config,
                    model.generation_config.eos_token_id, device, dtype)
-    if config.lean_decode != "false" and lean.supports(model):
+    if lean.can_use(model, device, config.lean_decode):
         lm.decoder = LeanDecoder(model, kernel)
         logger.info("decode steps: storygen's lean Llama step (decoder.py)")
     logger.info("loaded %s (%s format) on %s as %s", model_id, lm.spec.format, device, dtype)

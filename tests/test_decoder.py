@@ -92,8 +92,15 @@ def test_in_bf16_it_stays_within_rounding_of_transformers(tiny_dirs, tmp_path):
 def test_the_setting():
     assert StorygenConfig.from_env(Env({}, env_file=None)).lean_decode == "auto"
     assert StorygenConfig.from_env(Env({"STORYGEN_LEAN_DECODE": "false"}, env_file=None)).lean_decode == "false"
-    with pytest.raises(ConfigError, match="STORYGEN_LEAN_DECODE='true' is not allowed"):
-        StorygenConfig.from_env(Env({"STORYGEN_LEAN_DECODE": "true"}, env_file=None))
+    with pytest.raises(ConfigError, match="STORYGEN_LEAN_DECODE='fast' is not allowed"):
+        StorygenConfig.from_env(Env({"STORYGEN_LEAN_DECODE": "fast"}, env_file=None))
+
+
+def test_auto_serves_cpus_and_leaves_gpus_to_transformers_until_one_has_run_it(lms, tiny_lms):
+    model = lms["auto"].model
+    assert decoder.can_use(model, torch.device("cpu")) and decoder.can_use(model, torch.device("cuda"), "true")
+    assert not decoder.can_use(model, torch.device("cuda")) and not decoder.can_use(model, torch.device("cpu"), "false")
+    assert not decoder.can_use(tiny_lms["genre_tags"].model, torch.device("cpu"), "true")  # GPT-2
 
 
 def test_fused_layers_compute_their_parts_side_by_side_on_shared_weights():
