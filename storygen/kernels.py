@@ -30,6 +30,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,13 +52,18 @@ _ATTENTION_ARGS = [ctypes.c_int] + [ctypes.c_void_p] * 5 + [_I64] * 5 + [_I64] *
 _INT4_ARGS = [ctypes.c_void_p] * 5 + [_I64] * 3 + [ctypes.c_int]
 
 
+def _bind(library: ctypes.CDLL, name: str, argtypes: list) -> Callable[..., int]:
+    """One of the library's functions, typed: each returns 0 or an error code."""
+    function = getattr(library, name)
+    function.restype, function.argtypes = ctypes.c_int, argtypes
+    return function
+
+
 class DecodeAttention:
     """The loaded kernel: `softmax(q k^T * scale + mask) v` for one query position per row."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        self._fn = library.storygen_decode_attention
-        self._fn.restype = ctypes.c_int
-        self._fn.argtypes = _ATTENTION_ARGS
+        self._fn = _bind(library, "storygen_decode_attention", _ATTENTION_ARGS)
 
     @staticmethod
     def fits(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> bool:
@@ -91,9 +97,7 @@ class Int4Matmul:
     """`x @ w.T` for a weight on a 4-bit grid (w = q * scale + low in groups of 32 inputs), 1 to 16 rows."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        self._fn = library.storygen_int4_matmul
-        self._fn.restype = ctypes.c_int
-        self._fn.argtypes = _INT4_ARGS
+        self._fn = _bind(library, "storygen_int4_matmul", _INT4_ARGS)
 
     @staticmethod
     def pack(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -161,17 +165,11 @@ def load(cache_dir: Path) -> Kernels | None:
     return Kernels(attention, int4)
 
 
-def load_decode_attention(cache_dir: Path) -> DecodeAttention | None:
-    """The attention kernel alone (load's), or None."""
-    kernels = load(cache_dir)
-    return kernels.attention if kernels is not None else None
-
-
 def _build(compiler: str, cache_dir: Path) -> Path:
     """The kernels' shared library for these sources, compiler and CPU: built once, then reused."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256("\0".join([*(source.read_text() for source in SOURCES), " ".join(COMPILE_FLAGS + LINK_FLAGS),
-                                    version, _cpu_flags()]).encode()).hexdigest()[:16]
+                                    version, " ".join(sorted(cpu_flags() or ()))]).encode()).hexdigest()[:16]
     target = cache_dir / "kernels" / f"storygen-{key}.so"
     if target.is_file():
         return target
@@ -191,12 +189,13 @@ def _build(compiler: str, cache_dir: Path) -> Path:
     return target
 
 
-def _cpu_flags() -> str:
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str] | None:
+    """The CPU's instruction-set flags as Linux lists them ("avx512_bf16", "amx_bf16", ...); None off Linux."""
     try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
+        text = cpuinfo.read_text(errors="replace")
     except OSError:
-        return ""
-    return next((line for line in text.splitlines() if line.startswith("flags")), "")
+        return None
+    return frozenset(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
 
 
 def _check_attention(kernel: DecodeAttention) -> float:

@@ -22,8 +22,8 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Gener
                           PreTrainedModel, PreTrainedTokenizerBase)
 
 from storygen import attention, kernels
-from storygen import decoder as lean
 from storygen.decoder import LeanDecoder
+from storygen.decoder import can_use as can_use_lean
 from storygen.config import StorygenConfig
 from storygen.endings import sentence_end_tokens
 from storygen.errors import ModelLoadError
@@ -103,13 +103,11 @@ def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """
     if "AVX512" not in torch.backends.cpu.get_cpu_capability().upper():
         return False
-    try:
-        text = cpuinfo.read_text(errors="replace")
-    except OSError:  # not Linux: ask torch's own CPU probe, where this build has one
+    flags = kernels.cpu_flags(cpuinfo)
+    if flags is None:  # not Linux: ask torch's own CPU probe, where this build has one
         probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
         return bool(probe and probe())
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return bool(BF16_FLAGS & set(flags))
+    return bool(BF16_FLAGS & flags)
 
 
 BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
@@ -217,7 +215,7 @@ def load_model(config: StorygenConfig) -> LoadedModel:
         logger.info("decode attention: %s", "our C kernel" if kernel else "SDPA, grouped heads packed")
     lm = _assemble(config, source, model_id, local, tokenizer, model, model.config,
                    model.generation_config.eos_token_id, device, dtype)
-    if lean.can_use(model, device, config.lean_decode):
+    if can_use_lean(model, device, config.lean_decode):
         lm.decoder = LeanDecoder(model, kernel)
         logger.info("decode steps: storygen's lean Llama step (decoder.py)")
     logger.info("loaded %s (%s format) on %s as %s", model_id, lm.spec.format, device, dtype)
