@@ -27,8 +27,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ONEDNN_MODES = ("auto", "true", "false")
 BACKENDS = ("local", "openai")
-INT8_MODES = INT4_MODES = DECODE_ATTENTION_MODES = CPU_KERNEL_MODES = ("auto", "true", "false")
-LEAN_DECODE_MODES = ("auto", "true", "false")
+INT8_MODES = INT4_MODES = DECODE_ATTENTION_MODES = CPU_KERNEL_MODES = LEAN_DECODE_MODES = ("auto", "true", "false")
 
 
 class Secret:

@@ -174,7 +174,7 @@ def add_int8_copies(model: nn.Module, int4: str = "false", int8: bool = True,
 
     int4: STORYGEN_INT4's mode ("auto": the layers already on a 4-bit grid; "true": every layer whose
     widths fit the kernel; "false": none). The other layers get int8 copies if `int8`. native: our
-    int4 kernel for 8 rows and more (storygen/kernels.py), or None.
+    int4 kernel (storygen/kernels.py), which then serves the int4 copies' calls instead of torch's, or None.
     """
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                if type(child) is nn.Linear]

@@ -1,4 +1,4 @@
-/* y = x w^T for a weight held as 4 bits per value, for decode steps of 5 to 16 rows on a CPU.
+/* y = x w^T for a weight held as 4 bits per value, for decode steps of 1 to 16 rows on a CPU.
  *
  * torch's CPU kernel for weight-only int4 (aten._weight_int4pack_mm_for_cpu) dequantises the
  * weight for every row it multiplies, so at 16 rows it is bound by that arithmetic: 340 us
