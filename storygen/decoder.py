@@ -1,20 +1,24 @@
-"""A decode step for Llama-family models in plain torch ops, on the model's own weights.
+"""A forward pass for Llama-family models in plain torch ops, on the model's own weights.
 
 A decode step of a small model on a CPU is mostly overhead. transformers runs each layer
 through a dozen modules with keyword plumbing, deprecation wrappers, hub-kernel hooks and
 mask building: SmolLM2-135M's 30 layers make about 1,500 torch calls a step, and a lone
 story's step took ~20 ms where its int4 weights and cache take ~7 ms to read. This module
-does the same arithmetic for one new token per row in about half the calls: the model's own
-linear layers (with their int4/int8 copies, storygen/int8.py), q/k/v and gate/up each fused
-into one layer (their weights shared, not copied), one rms_norm call per norm,
-the rotary embedding computed once per step, the KV cache appended in place (kvcache.py),
-and attention through storygen/attention.py (our C kernel where it is built).
+does the same arithmetic in a fraction of the calls: the model's own linear layers (with
+their int4/int8 copies, storygen/int8.py), q/k/v and gate/up each fused into one layer
+(their weights shared, not copied), the rotary angles computed once per pass, the KV cache
+appended in place (kvcache.py), and attention through our C kernel for a decode step
+(storygen/kernels.py) or SDPA. In bf16 on a CPU, the norms, the rotary embedding and the
+MLP's silu(gate) * up are our C kernels too (kernels.LayerOps): one call each, where torch
+takes two to seven operators.
 
-It serves decode steps only, for models whose layers are exactly transformers' Llama layers
-(checked at load, `supports`); prefill, other architectures and `generate()` stay with
-transformers. tests/test_decoder.py checks it against transformers' forward, token by token.
-STORYGEN_LEAN_DECODE: auto (on a CPU, where supported), true (any device), false. It is plain
-torch and should serve a GPU too, but no GPU has run it yet, so auto leaves GPUs to transformers.
+It serves the engine's prefills (S new tokens a row, after any cached prefix, left-padded)
+and decode steps (one token a row), with the logits of each row's last position only, for
+models whose layers are exactly transformers' Llama layers (checked at load, `supports`);
+other architectures and `generate()` stay with transformers. tests/test_decoder.py checks
+it against transformers' forward. STORYGEN_LEAN_DECODE: auto (on a CPU, where supported),
+true (any device), false. It is plain torch and should serve a GPU too, but no GPU has run
+it yet, so auto leaves GPUs to transformers.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from storygen.int8 import Int4Linear, SmallBatchLinear
-from storygen.kernels import DecodeAttention
+from storygen.kernels import DecodeAttention, LayerOps
 
 logger = logging.getLogger(__name__)
 
@@ -119,13 +123,13 @@ def can_use(model: nn.Module, device: torch.device, mode: str = "auto") -> bool:
 
 
 class LeanDecoder(nn.Module):
-    """One decode step: the next token of every row in, their logits out.
+    """A prefill or a decode step: new tokens of every row in, the logits of each row's last one out.
 
     Called with the keyword arguments a transformers forward takes, so forward hooks written for
     the model (tests/model_hooks.py) see the same `input_ids` and `.logits` here.
     """
 
-    def __init__(self, model: nn.Module, kernel: DecodeAttention | None = None) -> None:
+    def __init__(self, model: nn.Module, kernel: DecodeAttention | None = None, ops: LayerOps | None = None) -> None:
         super().__init__()
         inner, config = model.model, model.config
         with torch.no_grad():
@@ -142,33 +146,111 @@ class LeanDecoder(nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.scaling = float(inner.layers[0].self_attn.scaling)
         self.kernel = kernel
+        self.ops = ops  # our C kernels for the norms, rotary embedding and MLP activation (bf16 on a CPU)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache,
                 attention_mask: torch.Tensor | None = None) -> DecodeOutput:
-        """input_ids, position_ids: (B, 1) long; cache: the batch's KV, which grows by this position;
-        attention_mask: (B, T+1), nonzero where a row attends (None: everywhere)."""
+        """input_ids, position_ids: (B, S) long; cache: the batch's KV (P positions), which grows by
+        these S; attention_mask: (B, P+S), nonzero where a row attends (None: everywhere).
+        The logits are the last position's only, as transformers' `logits_to_keep=1` gives them."""
+        if input_ids.shape[1] != 1:
+            return self._prefill(input_ids, position_ids, cache, attention_mask)
         parts = self.parts
         B = input_ids.shape[0]
         H, KV, D = self.heads, self.kv_heads, self.head_dim
         mask = attention_mask.bool() if attention_mask is not None else None  # (B, T+1)
         sdpa_mask = mask[:, None, None, :] if mask is not None else None  # (B, 1, 1, T+1)
         x = parts.embed(input_ids[:, 0])  # (B, hidden)
-        # 1. The rotary angles of every row's position, once for all layers: (B, 1, D).
-        cos, sin = parts.rotary(x, position_ids)
-        half = D // 2
-        for layer, (eps_in, eps_post), cache_layer in zip(parts.layers, self.layer_eps, cache.layers):
+        ops = self._ops(x)
+        # 1. The rotary angles of every row's position, once for all layers: (B, D).
+        cos, sin = (t[:, 0] for t in parts.rotary(x, position_ids))
+        x, h = self._add_norm(ops, x, None, parts.layers[0].norm_in, self.layer_eps[0][0])
+        for i, (layer, cache_layer) in enumerate(zip(parts.layers, cache.layers)):
             # 2. Attention: project q, k and v at once, rotate q and k together (rotate_half, as
             #    transformers), append k and v to the cache, attend over it.
-            qkv = layer.qkv(_rms_norm(x, layer.norm_in, eps_in))  # (B, (H + 2 KV) D)
-            qk = qkv[:, : (H + KV) * D].view(B, H + KV, D)
-            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
-            keys, values = cache_layer.update(qk[:, H:, None], qkv[:, (H + KV) * D:].view(B, KV, 1, D))  # (B, KV, T+1, D)
-            x = x + layer.o(self._attend(qk[:, :H].view(B, KV, H // KV, D), keys, values, mask, sdpa_mask)
-                            .reshape(B, H * D))
-            # 3. The MLP: down(silu(gate(h)) * up(h)).
-            gate, up = layer.gate_up(_rms_norm(x, layer.norm_post, eps_post)).chunk(2, dim=-1)
-            x = x + layer.down(nn.functional.silu(gate) * up)
-        return DecodeOutput(parts.lm_head(_rms_norm(x, parts.norm, self.eps))[:, None, :])  # (B, 1, V)
+            qkv = layer.qkv(h)  # (B, (H + 2 KV) D)
+            qk = self._rotate(ops, qkv, H + KV, cos, sin)  # (B, H + KV, D)
+            # keys, values: (B, KV, T+1, D)
+            keys, values = cache_layer.update(qk[:, H:, None], qkv[:, (H + KV) * D:].view(B, KV, 1, D))
+            attended = self._attend(qk[:, :H].view(B, KV, H // KV, D), keys, values, mask, sdpa_mask)
+            x, h = self._add_norm(ops, x, layer.o(attended.reshape(B, H * D)), layer.norm_post, self.layer_eps[i][1])
+            # 3. The MLP, down(silu(gate(h)) * up(h)), and the next layer's (or the final) norm.
+            x, h = self._add_norm(ops, x, layer.down(self._silu_mul(ops, layer.gate_up(h))), *self._next_norm(i))
+        return DecodeOutput(parts.lm_head(h)[:, None, :])  # (B, 1, V)
+
+    def _prefill(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache,
+                 attention_mask: torch.Tensor | None) -> DecodeOutput:
+        """forward for S > 1 new tokens a row: a prompt, after whatever prefix the cache holds."""
+        parts = self.parts
+        B, S = input_ids.shape
+        H, KV, D = self.heads, self.kv_heads, self.head_dim
+        P = cache.get_seq_length()
+        mask = None
+        if attention_mask is not None or P:
+            # (B, 1, S, P+S): a row's query i sees its own unpadded keys up to position P+i; a padding
+            # query sees itself too, so no row of the mask is empty (SDPA would give NaN there).
+            keys = torch.arange(P + S, device=input_ids.device)[None, :]  # (1, P+S)
+            queries = torch.arange(P, P + S, device=input_ids.device)[:, None]  # (S, 1): their positions
+            mask = (keys <= queries)[None, None].expand(B, 1, S, P + S)
+            if attention_mask is not None:
+                mask = (mask & attention_mask.bool()[:, None, None, :]) | (keys == queries)
+        x = parts.embed(input_ids)  # (B, S, hidden)
+        ops = self._ops(x)
+        cos, sin = parts.rotary(x, position_ids)  # (B, S, D)
+        x, h = self._add_norm(ops, x, None, parts.layers[0].norm_in, self.layer_eps[0][0])
+        last = len(parts.layers) - 1
+        for i, (layer, cache_layer) in enumerate(zip(parts.layers, cache.layers)):
+            qkv = layer.qkv(h)  # (B, S, (H + 2 KV) D)
+            qk = self._rotate(ops, qkv, H + KV, cos, sin)  # (B, S, H + KV, D)
+            keys, values = cache_layer.update(qk[:, :, H:].transpose(1, 2),
+                                              qkv[..., (H + KV) * D:].view(B, S, KV, D).transpose(1, 2))
+            attended = nn.functional.scaled_dot_product_attention(
+                qk[:, :, :H].transpose(1, 2), keys, values, attn_mask=mask, is_causal=mask is None,
+                scale=self.scaling, enable_gqa=H != KV).transpose(1, 2)  # (B, S, H, D)
+            if i == last:  # past the last layer's attention only the last position's logits matter
+                attended, x = attended[:, -1:], x[:, -1:]
+            x, h = self._add_norm(ops, x, layer.o(attended.reshape(*x.shape[:2], H * D)), layer.norm_post,
+                                  self.layer_eps[i][1])
+            x, h = self._add_norm(ops, x, layer.down(self._silu_mul(ops, layer.gate_up(h))), *self._next_norm(i))
+        return DecodeOutput(parts.lm_head(h))  # (B, 1, V)
+
+    # --- the small operations: our C kernels (kernels.LayerOps) for bf16 on a CPU, else torch --------
+
+    def _ops(self, x: torch.Tensor) -> LayerOps | None:
+        return self.ops if self.ops is not None and LayerOps.fits(x) else None
+
+    def _next_norm(self, i: int) -> tuple[torch.Tensor, float]:
+        """The norm after layer i's MLP: the next layer's input norm, or the model's final one."""
+        layers = self.parts.layers
+        return (layers[i + 1].norm_in, self.layer_eps[i + 1][0]) if i + 1 < len(layers) else (self.parts.norm, self.eps)
+
+    @staticmethod
+    def _add_norm(ops: LayerOps | None, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, its LlamaRMSNorm): the residual stream and the next block's input."""
+        if ops is not None:
+            return x, ops.add_rms_norm(x, delta, weight, eps)  # x grows in place
+        x = x + delta if delta is not None else x
+        return x, _rms_norm(x, weight, eps)
+
+    def _rotate(self, ops: LayerOps | None, qkv: torch.Tensor, heads: int, cos: torch.Tensor,
+                sin: torch.Tensor) -> torch.Tensor:
+        """qkv's first `heads` heads (queries, then keys) rotated: (..., heads, D). cos, sin: (..., D), per row."""
+        D = self.head_dim
+        if ops is not None:
+            ops.rotary_(qkv, heads, cos, sin)  # in place, in qkv
+            return qkv[..., : heads * D].view(*qkv.shape[:-1], heads, D)
+        qk = qkv[..., : heads * D].view(*qkv.shape[:-1], heads, D)
+        cos, sin, half = cos.unsqueeze(-2), sin.unsqueeze(-2), D // 2
+        return qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
+
+    @staticmethod
+    def _silu_mul(ops: LayerOps | None, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up, from gate and up side by side."""
+        if ops is not None:
+            return ops.silu_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return nn.functional.silu(gate) * up
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
                 sdpa_mask: torch.Tensor | None) -> torch.Tensor:

@@ -299,9 +299,13 @@ class Engine:
                          dim=1)  # (G, P+S): 0 at padding, which sits between prefix and rest in some rows
         padded = not bool(mask.all())
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, -S:]  # (G, S): each row counts from 0 at its first token
-        out = self.lm.model(input_ids=input_ids, attention_mask=mask if padded else None,
-                            position_ids=positions if padded or mask.shape[1] > S else None, use_cache=True,
-                            logits_to_keep=1, **{self._cache_arg: cache})
+        if self.lm.decoder is not None:  # Llama-family models: our lean forward (decoder.py)
+            out = self.lm.decoder(input_ids=input_ids, attention_mask=mask if padded else None, position_ids=positions,
+                                  cache=cache)
+        else:
+            out = self.lm.model(input_ids=input_ids, attention_mask=mask if padded else None,
+                                position_ids=positions if padded or mask.shape[1] > S else None, use_cache=True,
+                                logits_to_keep=1, **{self._cache_arg: cache})
         self._remember_prefixes(rows, cached, cache)
         if padded:  # padding's keys and values are never attended to; zero them so nothing odd can leak
             keep = mask.bool()[:, None, :, None]  # (G, 1, P+S, 1)

@@ -38,7 +38,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).with_name("csrc") / "decode_attention.c", Path(__file__).with_name("csrc") / "int4_matmul.c")
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = tuple(CSRC / name for name in ("decode_attention.c", "int4_matmul.c", "layer_ops.c"))
+HEADERS = (CSRC / "bf16.h",)
 # -ffast-math lets gcc vectorise expf through glibc's libmvec. It is given to the compile step
 # only: linked with it, gcc adds crtfastmath.o, which would flush denormals for all of torch.
 COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC")
@@ -50,6 +52,9 @@ BUILD_TIMEOUT_S = 120
 _I64 = ctypes.c_int64
 _ATTENTION_ARGS = [ctypes.c_int] + [ctypes.c_void_p] * 5 + [_I64] * 5 + [_I64] * 14 + [ctypes.c_int, ctypes.c_float]
 _INT4_ARGS = [ctypes.c_void_p] * 5 + [_I64] * 3 + [ctypes.c_int]
+_NORM_ARGS = [ctypes.c_void_p] * 4 + [_I64] * 5 + [ctypes.c_float, ctypes.c_int]
+_SILU_ARGS = [ctypes.c_void_p] * 2 + [_I64] * 4 + [ctypes.c_int]
+_ROTARY_ARGS = [ctypes.c_void_p] * 3 + [_I64] * 4 + [ctypes.c_int]
 
 
 def _bind(library: ctypes.CDLL, name: str, argtypes: list) -> Callable[..., int]:
@@ -122,12 +127,78 @@ class Int4Matmul:
         return y
 
 
+class LayerOps:
+    """A Llama layer's small bf16 operations, each one pass (csrc/layer_ops.c); torch's arithmetic, rounded alike.
+
+    Every tensor is bf16 on the CPU with contiguous rows (the last dimension); the leading
+    dimensions are taken as rows of one stride (`_rows`).
+    """
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._norm = _bind(library, "storygen_add_rms_norm", _NORM_ARGS)
+        self._silu = _bind(library, "storygen_silu_mul", _SILU_ARGS)
+        self._rotary = _bind(library, "storygen_rotary", _ROTARY_ARGS)
+
+    def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x += delta, in place (when given); returns LlamaRMSNorm(x): weight * rms_norm(x.float()).to(bf16)."""
+        rows, cols, x_stride = _rows(x)
+        out = torch.empty(x.shape, dtype=x.dtype)
+        delta_stride = _rows(delta)[2] if delta is not None else 0
+        rc = self._norm(x.data_ptr(), delta.data_ptr() if delta is not None else None, weight.data_ptr(),
+                        out.data_ptr(), rows, cols, x_stride, delta_stride, cols, eps, torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"rms_norm kernel failed (code {rc})")
+        return out
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up (..., 2 I): silu(gate) * up, (..., I)."""
+        rows, cols, stride = _rows(gate_up)
+        out = torch.empty(*gate_up.shape[:-1], cols // 2, dtype=gate_up.dtype)
+        rc = self._silu(gate_up.data_ptr(), out.data_ptr(), rows, cols // 2, stride, cols // 2, torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"silu_mul kernel failed (code {rc})")
+        return out
+
+    def rotary_(self, x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Rotate the first `heads` heads of each row of x (..., n D) in place; cos, sin (..., D), one row each."""
+        rows, _, stride = _rows(x)
+        dim = cos.shape[-1]
+        cos, sin = cos.reshape(rows, dim).contiguous(), sin.reshape(rows, dim).contiguous()
+        rc = self._rotary(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), rows, heads, dim, stride,
+                          torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"rotary kernel failed (code {rc})")
+
+    @staticmethod
+    def fits(*tensors: torch.Tensor) -> bool:
+        """Whether the kernels take these tensors: bf16 on a CPU, rows of one stride, each contiguous."""
+        return all(t.device.type == "cpu" and t.dtype == torch.bfloat16 and _rows(t) is not None for t in tensors)
+
+
+def _rows(x: torch.Tensor) -> tuple[int, int, int] | None:
+    """(rows, columns, row stride) of x's leading dimensions taken as rows; None where they aren't one stride."""
+    cols = x.shape[-1]
+    if x.stride(-1) != 1:
+        return None
+    rows, stride = 1, None
+    for size, step in zip(reversed(x.shape[:-1]), reversed(x.stride()[:-1])):
+        if size == 1:
+            continue
+        if stride is None:
+            stride = step
+        elif step != stride * rows:
+            return None
+        rows *= size
+    return rows, cols, stride if stride is not None else cols
+
+
 @dataclass(frozen=True)
 class Kernels:
     """What the built library offers on this CPU: each kernel, or None where it can't be used."""
 
     attention: DecodeAttention | None
     int4: Int4Matmul | None
+    layer: LayerOps | None = None
 
 
 def can_use(device: torch.device, dtype: torch.dtype, mode: str = "auto") -> bool:
@@ -162,13 +233,18 @@ def load(cache_dir: Path) -> Kernels | None:
     elif error > 0.02:
         logger.warning("the int4 matmul kernel disagrees with torch (relative error %.3g); not used", error)
         int4 = None
-    return Kernels(attention, int4)
+    layer = LayerOps(library)
+    if (error := _check_layer_ops(layer)) > 0:
+        logger.warning("the layer kernels disagree with torch (%s values differ by more than a rounding); "
+                       "not used", error)
+        layer = None
+    return Kernels(attention, int4, layer)
 
 
 def _build(compiler: str, cache_dir: Path) -> Path:
     """The kernels' shared library for these sources, compiler and CPU: built once, then reused."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([*(source.read_text() for source in SOURCES), " ".join(COMPILE_FLAGS + LINK_FLAGS),
+    key = hashlib.sha256("\0".join([*(source.read_text() for source in SOURCES + HEADERS), " ".join(COMPILE_FLAGS + LINK_FLAGS),
                                     version, " ".join(sorted(cpu_flags() or ()))]).encode()).hexdigest()[:16]
     target = cache_dir / "kernels" / f"storygen-{key}.so"
     if target.is_file():
@@ -227,6 +303,29 @@ def _check_int4(kernel: Int4Matmul) -> float | None:
     except RuntimeError:  # code 3: built without AVX-512 BF16
         return None
     return ((got - want).norm() / want.norm()).item()
+
+
+def _check_layer_ops(ops: LayerOps) -> int:
+    """How many results differ from torch's by more than one bf16 rounding step (on random data)."""
+    generator = torch.Generator().manual_seed(0)
+    x, delta = (torch.randn(12, 96, generator=generator).bfloat16() for _ in range(2))
+    weight = torch.rand(96, generator=generator).bfloat16() + 0.5
+    gate_up = (torch.randn(12, 64, generator=generator) * 3).bfloat16()
+    qk = torch.randn(12, 5, 16, generator=generator).bfloat16()
+    angles = torch.rand(12, 8, generator=generator) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1).bfloat16(), torch.cat([angles.sin()] * 2, -1).bfloat16()
+    summed = x + delta
+    wants = [weight * torch.nn.functional.rms_norm(summed.float(), (96,), eps=1e-5).to(torch.bfloat16),
+             summed, torch.nn.functional.silu(gate_up[:, :32]) * gate_up[:, 32:],
+             qk[:, :3] * cos[:, None] + torch.cat((-qk[:, :3, 8:], qk[:, :3, :8]), -1) * sin[:, None]]
+    got_x = x.clone()
+    normed = ops.add_rms_norm(got_x, delta, weight, 1e-5)
+    rotated = qk.clone()
+    ops.rotary_(rotated.view(12, 80), 3, cos, sin)
+    gots = [normed, got_x, ops.silu_mul(gate_up), rotated[:, :3]]
+    bad = sum(int((~torch.isclose(got.float(), want.float(), rtol=2 ** -7, atol=1e-6)).sum())
+              for got, want in zip(gots, wants))
+    return bad + int((rotated[:, 3:] != qk[:, 3:]).sum())  # the heads past `heads` stay as they were
 
 
 def _first_line(error: BaseException) -> str:

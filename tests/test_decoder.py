@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -17,9 +19,9 @@ from tests.conftest import tiny_config
 PROMPTS = [[5, 6, 7], [8] * 9, [10, 11], [12, 13, 14, 15, 16]]
 
 
-def _stories(lm, params: SamplingParams) -> list[list[int]]:
+def _stories(lm, params: SamplingParams, engine: Engine | None = None) -> list[list[int]]:
     """Rows joining at different times, so steps run alone, aligned and left-padded."""
-    engine = Engine(lm, 4)
+    engine = engine or Engine(lm, 4)
     seqs = [Sequence(f"s{i}", prompt, params) for i, prompt in enumerate(PROMPTS)]
     engine.start(seqs[0])
     engine.step()  # alone: no mask
@@ -74,6 +76,46 @@ def test_the_engine_writes_the_same_stories_with_it(lms, params):
     assert _stories(lms["auto"], params) == _stories(lms["false"], params)
 
 
+def test_with_the_prefix_cache_too(lms):
+    params = SamplingParams(length=10, greedy=True)
+    want = _stories(lms["false"], params)
+    engine = Engine(lms["auto"], 4, prefix_cache_bytes=2**20)
+    assert _stories(lms["auto"], params, engine) == want
+    assert engine.prefix_cache.hits == 0 and len(engine.prefix_cache)
+    assert _stories(lms["auto"], params, engine) == want  # now the 9-token prompt starts from a cached block
+    assert engine.prefix_cache.hits == 8
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("prefix", [[], [3, 4, 5, 6]])
+def test_a_prefill_gives_transformers_logits_and_cache(lms, padded, prefix):
+    """A prompt's forward (S tokens a row), left-padded or not, after a cached prefix or from nothing."""
+    lm = lms["auto"]
+    model = lm.model
+    rows = [[7, 8, 9, 10, 11], [12, 13], [14, 15, 16]] if padded else [[7, 8, 9], [12, 13, 14], [17, 18, 19]]
+    P, S = len(prefix), max(map(len, rows))
+    ids = torch.tensor([[lm.pad_id] * (S - len(r)) + r for r in rows])
+    mask = torch.cat([torch.ones(3, P, dtype=torch.long),
+                      torch.tensor([[0] * (S - len(r)) + [1] * len(r) for r in rows])], dim=1)  # (3, P+S)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)[:, -S:]
+    step = {"input_ids": ids, "position_ids": positions, "attention_mask": mask if padded else None}
+    with torch.inference_mode():
+        ours, theirs = new_cache(model.config), new_cache(model.config)
+        if prefix:
+            for cache in (ours, theirs):
+                model(input_ids=torch.tensor([prefix] * 3), cache=cache, use_cache=True)
+        want = model(**step, cache=theirs, use_cache=True, logits_to_keep=1).logits
+        got = lm.decoder(**step, cache=ours).logits
+    assert got.shape == want.shape == (3, 1, lm.vocab_size)
+    assert (got - want).abs().max().item() < 1e-4
+    real = mask.bool()[:, None, :, None]  # padding's keys and values are never read (the engine zeroes them)
+    for mine, reference in zip(ours.layers, theirs.layers):
+        assert mine.keys.shape == reference.keys.shape
+        assert mine.keys.shape[:3] == (3, model.config.num_key_value_heads, P + S)
+        assert torch.allclose(mine.keys * real, reference.keys * real, atol=1e-5)
+        assert torch.allclose(mine.values * real, reference.values * real, atol=1e-5)
+
+
 def test_in_bf16_it_stays_within_rounding_of_transformers(tiny_dirs, tmp_path):
     lm = load_model(tiny_config(tiny_dirs["instruct"], "instruct", tmp_path, dtype="bfloat16"))
     assert lm.decoder is not None
@@ -86,7 +128,13 @@ def test_in_bf16_it_stays_within_rounding_of_transformers(tiny_dirs, tmp_path):
         step = {"input_ids": torch.tensor([[9]]), "position_ids": torch.tensor([[5]])}
         want = model(**step, cache=caches[1], use_cache=True).logits.float()
         got = lm.decoder(**step, cache=caches[0]).logits.float()
-    assert (got - want).abs().max().item() < 0.05 * want.abs().max().item()
+        assert (got - want).abs().max().item() < 0.05 * want.abs().max().item()
+        prompt = {"input_ids": torch.tensor([[5, 9, 3, 8, 2, 7, 4]] * 2), "position_ids": torch.arange(7).expand(2, 7)}
+        want = model(**prompt, cache=new_cache(model.config), use_cache=True, logits_to_keep=1).logits.float()
+        got = lm.decoder(**prompt, cache=new_cache(model.config)).logits.float()
+        assert (got - want).abs().max().item() < 0.05 * want.abs().max().item()
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert lm.decoder.ops is not None  # the C layer ops (kernels.LayerOps) did this arithmetic
 
 
 def test_the_setting():

@@ -78,7 +78,7 @@ def test_a_prompt_that_breaks_the_shared_prefill_fails_alone(tiny_lms):
         if any(row[-len(poison):].tolist() == poison for row in kwargs["input_ids"]):
             raise RuntimeError("bad row")
 
-    hook = lm.model.register_forward_pre_hook(refuse, with_kwargs=True)
+    hook = (lm.decoder or lm.model).register_forward_pre_hook(refuse, with_kwargs=True)  # what prefills
     try:
         engine = Engine(lm, 4)
         seqs = [Sequence(f"s{i}", ids, SamplingParams(length=6, greedy=True)) for i, ids in enumerate(prompts[:3])]

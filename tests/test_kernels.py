@@ -1,4 +1,4 @@
-"""Our C kernel for a decode step's attention (storygen/kernels.py, storygen/csrc/decode_attention.c)."""
+"""Our C kernels (storygen/kernels.py, storygen/csrc/): decode attention, int4 matmul and the layer ops."""
 
 from __future__ import annotations
 
@@ -149,6 +149,72 @@ def test_an_int4_layer_uses_it_for_up_to_sixteen_rows_in_bf16(library, monkeypat
     assert calls == [1, 4, 16]  # 17 rows: the dense bf16 layer
     fp32 = Int4Linear(torch.nn.Linear(64, 32, bias=False), native=native)
     assert fp32.native is None and hasattr(fp32, "int4_weight")  # the kernel takes bf16 only
+
+
+def _ulps(got: torch.Tensor, want: torch.Tensor) -> int:
+    """The largest distance between two bf16 tensors in units of the last place."""
+    def ordered(t):  # bf16 bit patterns as integers that count up with the value
+        bits = t.contiguous().view(torch.int16).int()
+        return torch.where(bits < 0, -(bits & 0x7FFF), bits)
+    return int((ordered(got) - ordered(want)).abs().max())
+
+
+@pytest.fixture(scope="module")
+def ops(library):
+    assert library.layer is not None, "the layer kernels disagreed with torch (see the log)"
+    return library.layer
+
+
+@needs_cc
+@pytest.mark.parametrize("rows", [1, 16, 200])  # 200 x 576: enough for both threads
+def test_add_rms_norm_is_llamas_norm_bit_for_bit_and_adds_in_place(ops, rows):
+    g = torch.Generator().manual_seed(rows)
+    x, delta = (torch.randn(rows, 576, generator=g).bfloat16() for _ in range(2))
+    weight = (torch.rand(576, generator=g) + 0.5).bfloat16()
+    summed = x + delta
+    want = weight * torch.nn.functional.rms_norm(summed.float(), (576,), eps=1e-5).bfloat16()
+    got = ops.add_rms_norm(x, delta, weight, 1e-5)
+    assert torch.equal(x, summed) and _ulps(got, want) == 0
+    assert _ulps(ops.add_rms_norm(x, None, weight, 1e-5), want) == 0  # no delta: x is left as it is
+    assert torch.equal(x, summed)
+
+
+@needs_cc
+def test_the_ops_take_strided_rows_in_place(ops):
+    g = torch.Generator().manual_seed(5)
+    stream = torch.randn(3, 7, 64, generator=g).bfloat16()
+    last = stream[:, -1:]  # (3, 1, 64): rows 7 * 64 apart, as a prefill's last positions are
+    delta = torch.randn(3, 1, 64, generator=g).bfloat16()
+    want_x = last + delta
+    want = torch.nn.functional.rms_norm(want_x.float(), (64,), eps=1e-6).bfloat16()
+    got = ops.add_rms_norm(last, delta, torch.ones(64, dtype=torch.bfloat16), 1e-6)
+    assert torch.equal(stream[:, -1:], want_x) and _ulps(got, want) == 0 and got.shape == (3, 1, 64)
+    qkv = torch.randn(4, 5, 3 * 32, generator=g).bfloat16()  # (B, S, (H + 2 KV) D), H = KV = 1, D = 32
+    angles = torch.rand(4, 5, 16, generator=g) * 50
+    cos, sin = torch.cat([angles.cos()] * 2, -1).bfloat16(), torch.cat([angles.sin()] * 2, -1).bfloat16()
+    qk = qkv[..., :64].view(4, 5, 2, 32)
+    want = qk * cos[:, :, None] + torch.cat((-qk[..., 16:], qk[..., :16]), -1) * sin[:, :, None]
+    values = qkv[..., 64:].clone()
+    ops.rotary_(qkv, 2, cos, sin)
+    assert _ulps(qkv[..., :64].view(4, 5, 2, 32), want) == 0 and torch.equal(qkv[..., 64:], values)
+
+
+@needs_cc
+@pytest.mark.parametrize("rows", [1, 16, 145])
+def test_silu_mul_is_within_a_rounding_of_torch(ops, rows):
+    gate_up = (torch.randn(rows, 2 * 1536, generator=torch.Generator().manual_seed(rows)) * 4).bfloat16()
+    want = torch.nn.functional.silu(gate_up[:, :1536]) * gate_up[:, 1536:]
+    got = ops.silu_mul(gate_up)
+    # expf's last fp32 bit may round silu's bf16 the other way, and the product carries that on
+    assert got.shape == (rows, 1536) and _ulps(got, want) <= 2
+    assert (got != want).float().mean().item() < 0.01
+
+
+@needs_cc
+def test_fits_wants_bf16_rows_of_one_stride(ops):
+    x = torch.zeros(4, 6, 8, dtype=torch.bfloat16)
+    assert ops.fits(x, x[:, -1:], x[1:3]) and not ops.fits(x.float()) and not ops.fits(x.transpose(1, 2))
+    assert not ops.fits(x[:, :3, :])  # (4, 3, 8) of a (4, 6, 8): rows are not one stride apart
 
 
 @pytest.mark.parametrize("cc,said", [("/nonexistent/cc", "could not be built"), ("false", "could not be built")])

@@ -16,25 +16,13 @@
  */
 #include <math.h>
 #include <stdint.h>
+
+#include "bf16.h"
 #include <stdlib.h>
 
 #define MAX_G 32
 #define MASKED (-1e30f) /* a masked score: finite, so the kernel may be built with -ffast-math */
 #define MAX_D 256
-
-static inline float bf16_to_f32(uint16_t h) {
-    union { uint32_t u; float f; } x;
-    x.u = (uint32_t)h << 16;
-    return x.f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    union { uint32_t u; float f; } x;
-    x.f = f;
-    if ((x.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x.u >> 16) | 0x40u); /* NaN stays NaN */
-    x.u += 0x7fffu + ((x.u >> 16) & 1u); /* round to nearest, ties to even, as torch does */
-    return (uint16_t)(x.u >> 16);
-}
 
 static inline void load_row(int dtype, const void *base, int64_t offset, int64_t D, float *restrict dst) {
     if (dtype == 1) {
