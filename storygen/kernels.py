@@ -39,7 +39,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = tuple(CSRC / name for name in ("decode_attention.c", "int4_matmul.c", "layer_ops.c"))
+SOURCES = tuple(CSRC / name for name in ("decode_attention.c", "int4_matmul.c", "int8_matmul.c", "layer_ops.c"))
 HEADERS = (CSRC / "bf16.h",)
 # -ffast-math lets gcc vectorise expf through glibc's libmvec. It is given to the compile step
 # only: linked with it, gcc adds crtfastmath.o, which would flush denormals for all of torch.
@@ -52,6 +52,7 @@ BUILD_TIMEOUT_S = 120
 _I64 = ctypes.c_int64
 _ATTENTION_ARGS = [ctypes.c_int] + [ctypes.c_void_p] * 5 + [_I64] * 5 + [_I64] * 14 + [ctypes.c_int, ctypes.c_float]
 _INT4_ARGS = [ctypes.c_void_p] * 5 + [_I64] * 3 + [ctypes.c_int]
+_INT8_ARGS = [ctypes.c_void_p] * 4 + [_I64] * 3 + [ctypes.c_int]
 _NORM_ARGS = [ctypes.c_void_p] * 4 + [_I64] * 5 + [ctypes.c_float, ctypes.c_int]
 _SILU_ARGS = [ctypes.c_void_p] * 2 + [_I64] * 4 + [ctypes.c_int]
 _ROTARY_ARGS = [ctypes.c_void_p] * 3 + [_I64] * 4 + [ctypes.c_int]
@@ -127,6 +128,31 @@ class Int4Matmul:
         return y
 
 
+class Int8Matmul:
+    """`(x @ q.T) * scale` for an int8 weight with one scale per output row, 1 to 16 rows."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._fn = _bind(library, "storygen_int8_matmul", _INT8_ARGS)
+
+    @staticmethod
+    def pack(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kernel's layout: q (N, K) int8, scale (N,). N % 16 == 0, K even."""
+        N, K = q.shape
+        packed = q.reshape(N // 16, 16, K // 2, 2).permute(0, 2, 1, 3).contiguous()  # (N / 16, K / 2, 16, 2)
+        return packed, scale.float().contiguous()
+
+    def __call__(self, x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor], out_features: int) -> torch.Tensor:
+        """x (M, K) bf16, contiguous, M in 1..16; packed from `pack`. Returns (M, N) bf16."""
+        M, K = x.shape
+        y = x.new_empty(M, out_features)
+        weight, scale = packed
+        rc = self._fn(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), y.data_ptr(), M, out_features, K,
+                      torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"int8 matmul kernel failed (code {rc})")
+        return y
+
+
 class LayerOps:
     """A Llama layer's small bf16 operations, each one pass (csrc/layer_ops.c); torch's arithmetic, rounded alike.
 
@@ -199,6 +225,7 @@ class Kernels:
     attention: DecodeAttention | None
     int4: Int4Matmul | None
     layer: LayerOps | None = None
+    int8: Int8Matmul | None = None
 
 
 def can_use(device: torch.device, dtype: torch.dtype, mode: str = "auto") -> bool:
@@ -238,7 +265,13 @@ def load(cache_dir: Path) -> Kernels | None:
         logger.warning("the layer kernels disagree with torch (%s values differ by more than a rounding); "
                        "not used", error)
         layer = None
-    return Kernels(attention, int4, layer)
+    int8 = Int8Matmul(library)
+    error = _check_int8(int8)
+    if error is None or error > 0.02:
+        if error is not None:
+            logger.warning("the int8 matmul kernel disagrees with torch (relative error %.3g); not used", error)
+        int8 = None
+    return Kernels(attention, int4, layer, int8)
 
 
 def _build(compiler: str, cache_dir: Path) -> Path:
@@ -300,6 +333,20 @@ def _check_int4(kernel: Int4Matmul) -> float | None:
     want = x.float() @ weight.t()
     try:
         got = kernel(x, Int4Matmul.pack(q, scale, low), 32).float()
+    except RuntimeError:  # code 3: built without AVX-512 BF16
+        return None
+    return ((got - want).norm() / want.norm()).item()
+
+
+def _check_int8(kernel: Int8Matmul) -> float | None:
+    """Relative error against an fp32 matmul of the same int8 weight; None where the CPU lacks AVX-512 BF16."""
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (32, 64), generator=generator, dtype=torch.int8)
+    scale = torch.rand(32, generator=generator) / 100
+    x = torch.randn(16, 64, generator=generator).bfloat16()
+    want = (x.float() @ q.float().t()) * scale
+    try:
+        got = kernel(x, Int8Matmul.pack(q, scale), 32).float()
     except RuntimeError:  # code 3: built without AVX-512 BF16
         return None
     return ((got - want).norm() / want.norm()).item()
