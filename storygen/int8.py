@@ -37,7 +37,7 @@ from storygen.kernels import Int4Matmul, Int8Matmul
 logger = logging.getLogger(__name__)
 
 SMALL_ROWS = 4  # rows per call up to which the int8 copy is used, through torch's kernel
-NATIVE_INT8_ROWS = 16  # the same through ours (kernels.Int8Matmul): 5.2 against 7.6 ms for bf16 at 16 rows, 49152 x 576
+NATIVE_INT8_ROWS = 16  # the same through ours (kernels.Int8Matmul): at 16 rows 4.1 against 8.1 ms for bf16
 INT4_ROWS = 16  # rows per call up to which an int4 copy is used (measured: faster than bf16 up to 16, slower at 20)
 INT4_GROUP = 32  # weights per scale and zero, along the input: Q4_1's block
 INT4_OUT = 16  # the kernel's packing wants the output width a multiple of this

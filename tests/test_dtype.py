@@ -58,9 +58,9 @@ def test_a_bf16_model_serves_through_the_engine(bf16_lm, monkeypatch):
     assert lm.dtype == torch.bfloat16 and next(lm.model.parameters()).dtype == torch.bfloat16
     sampled_from = []
 
-    def sample_next(logits, *args):
+    def sample_next(logits, *args, **kwargs):
         sampled_from.append(logits.dtype)
-        return real(logits, *args)
+        return real(logits, *args, **kwargs)
 
     real = storygen.engine.sample_next
     monkeypatch.setattr(storygen.engine, "sample_next", sample_next)

@@ -130,3 +130,41 @@ def test_end_bias_raises_only_its_own_rows_end_tokens():
     picks = sample_next(logits, knobs, None, _gens(2), ends, torch.tensor([4.0, 0.0]))
     assert picks.tolist() == [0, 7]
     assert sample_next(logits, knobs, None, _gens(2), ends, None).tolist() == [7, 7]
+
+
+def _dense_reference(logits, knobs, seen, gens, end_ids, end_bias):
+    """The sampler as it was written first: every step over the whole vocabulary, temperature before top-k."""
+    penalty = knobs.penalty[:, None]
+    logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+    logits = logits.index_add(1, end_ids, end_bias[:, None].expand(-1, end_ids.numel()))
+    greedy_ids = logits.argmax(-1)
+    logits = logits / knobs.temperature[:, None]
+    cand, ids = torch.topk(logits, int(knobs.top_k.max()), dim=-1)
+    cand = cand.masked_fill(torch.arange(cand.shape[1])[None] >= knobs.top_k[:, None], float("-inf"))
+    probs = torch.softmax(cand, -1)
+    probs = probs.masked_fill(torch.cumsum(probs, -1) - probs >= knobs.top_p[:, None], 0.0)
+    draws = torch.cat([torch.zeros(1) if greedy else torch.rand(1, generator=gen)
+                       for greedy, gen in zip(knobs.greedy.tolist(), gens)])
+    cdf = torch.cumsum(probs, -1)
+    choice = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True).clamp(max=ids.shape[1] - 1)
+    return torch.where(knobs.greedy, greedy_ids, ids.gather(-1, choice).squeeze(-1))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_the_sparse_sampler_draws_what_the_dense_one_did_and_leaves_the_logits_alone_unless_told(inplace):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 500, generator=g) * 3
+    seen = torch.rand(6, 500, generator=g) < 0.05
+    rows = [(0.8, 50, 0.95, 1.1, False), (1.3, 5, 1.0, 1.5, False), (0.5, 200, 0.5, 1.0, False),
+            (0.8, 50, 0.95, 1.2, True), (2.0, 1, 0.9, 1.1, False), (0.7, 20, 0.3, 2.0, False)]
+    params = [SamplingParams(temperature=t, top_k=k, top_p=p, repetition_penalty=r, greedy=greedy)
+              for t, k, p, r, greedy in rows]
+    knobs = _knobs(*params)
+    ends, bias = torch.tensor([3, 9]), torch.tensor([0.0, 4.0, 0.0, 10.0, 1.0, 2.5])
+    for step in range(25):
+        before = logits.clone()
+        want = _dense_reference(logits, knobs, seen, _gens(6, step), ends, bias)
+        got = sample_next(logits, knobs, seen, _gens(6, step), ends, bias, inplace=inplace)
+        assert got.tolist() == want.tolist()
+        assert torch.equal(logits, before) != inplace  # inplace: the penalty and the steer were applied to them
+        logits = torch.randn(6, 500, generator=g) * 3
