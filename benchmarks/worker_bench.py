@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="A/B rounds, alternating")
     parser.add_argument("--model", default="default", help="'default', 'tiny', a directory or a .gguf")
     parser.add_argument("--flood", type=int, default=20, help="requests user X floods in the fairness scenario")
+    parser.add_argument("--baseline-requests", type=int, default=0,
+                        help="time A on the first K of the N requests only (its rate is per request, one at a "
+                             "time; on a GPU 64 take minutes); 0: all")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -159,7 +162,7 @@ async def _rounds(lm: LoadedModel, baseline: LoadedModel, config: StorygenConfig
         prepared = [prepare(q, lm, config) for q in requests]
         # All torch work runs on the model thread, as in the bot; so A's generate() does too, and
         # the worker, which holds that thread while it runs, is started after A is done.
-        a_tokens, a_time = model_thread.call(run_baseline, baseline, prepared, params)
+        a_tokens, a_time = model_thread.call(run_baseline, baseline, prepared[:args.baseline_requests or None], params)
         async with Worker(lm, config) as worker:
             b_tokens, b_time, stories = await run_worker(worker, requests)
         ttfts += [s.timings["ttft_s"] for s in stories]

@@ -8,6 +8,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 from storygen.genres import GENRES, detect_genre
 from storygen.prompts import SEED_GENRES
@@ -192,3 +193,37 @@ def test_kernels_bench_smoke_run():
     figures = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
     assert float(figures["attention_speedup_16"]) > 0 and float(figures["kernel_ms_16x200"]) > 0
     assert result.stdout.strip().splitlines()[-1].startswith("attention_speedup_16: ")
+
+
+def test_device_check_passes_on_this_cpu():
+    """benchmarks/device_check.py is what a GPU machine runs (gpu_check.sh); here it keeps it from rotting."""
+    result = subprocess.run([sys.executable, "benchmarks/device_check.py", "--device", "cpu"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1] == "device_check: ok" and sum(line.endswith(": ok") for line in lines) == 6
+
+
+def test_random_model_gives_a_skeleton_weights_that_load(tmp_path):
+    from dataclasses import replace
+
+    from storygen.config import StorygenConfig
+    from storygen.model import load_model
+    from tests.tiny import save_tiny_model
+
+    reference = save_tiny_model(tmp_path / "tiny", "instruct")
+    skeleton = tmp_path / "skeleton"
+    skeleton.mkdir()
+    for path in reference.iterdir():  # what `random_model.py skeleton` writes: all but the weights
+        if path.suffix != ".safetensors":
+            (skeleton / path.name).write_bytes(path.read_bytes())
+    result = subprocess.run([sys.executable, "benchmarks/random_model.py", "weights", str(skeleton)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = StorygenConfig(model=str(skeleton), model_format="instruct", device="cpu", dtype="float32",
+                            cache_dir=tmp_path / "cache", settings_db=tmp_path / "s.sqlite3")
+    lm = load_model(config)
+    theirs = load_model(replace(config, model=str(reference)))
+    assert lm.vocab_size == theirs.vocab_size and lm.tokenizer("Once").input_ids == theirs.tokenizer("Once").input_ids
+    mine, original = lm.model.state_dict(), theirs.model.state_dict()
+    assert mine.keys() == original.keys() and not any(torch.equal(mine[k], original[k]) for k in mine if "proj" in k)
