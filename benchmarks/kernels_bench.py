@@ -8,7 +8,11 @@ caches come from memory, as in a real step, not from the CPU's cache), bf16, row
 by different amounts; torch's SDPA against ours. int4 matmul: one decode step's linear layers
 (q/k/v, o, gate/up and down of every layer, each its own weight on a 4-bit grid) at 1, 8 and
 16 rows; torch's `_weight_int4pack_mm_for_cpu` against ours, where this CPU has AVX-512 BF16.
-A and B alternate for --rounds rounds; the figures are the medians, and each `*_speedup_*`
+int8 matmul: the output layer (49152 x 576, int8 with a scale per row) at 1, 8 and 16 rows; ours
+against what served it before, torch's `_weight_int8pack_mm` (up to 4 rows) and the bf16 layer
+(above). Layer ops: the norms (with the residual add), rotary embedding and silu(gate) * up of
+all layers, at a decode step's 16 rows and a prompt's 150; torch's operators (as decoder.py calls
+them without our kernels) against ours. A and B alternate for --rounds rounds; the figures are the medians, and each `*_speedup_*`
 line is torch's time over ours.
 """
 
@@ -85,10 +89,10 @@ def main(argv: list[str] | None = None) -> None:
             figures[(B, T)] = sdpa_ms / kernel_ms
             print(f"sdpa_ms_{B}x{T}: {sdpa_ms:.2f}")
             print(f"kernel_ms_{B}x{T}: {kernel_ms:.2f}")
+        hidden = kv * group * D
         if kernels.int4 is None:
             print("int4: this CPU has no AVX-512 BF16, so torch's int4 kernel is the only one")
         else:
-            hidden = kv * group * D
             shapes = [(hidden + 2 * kv * D, hidden), (hidden, hidden), (2 * 1536, hidden), (hidden, 1536)] if not args.smoke \
                 else [(64, 32), (32, 64)]
             linears = _int4_layers(layers, shapes, kernels.int4)  # ours
@@ -109,6 +113,65 @@ def main(argv: list[str] | None = None) -> None:
                 figures[rows] = torch_ms / ours_ms
             print(f"int4_speedup_8: {figures[8]:.2f}")
             print(f"int4_speedup_16: {figures[16]:.2f}")
+        if kernels.int8 is not None:
+            vocab = 512 if args.smoke else 49152
+            weight = torch.randn(vocab, hidden)
+            scale = (weight.abs().amax(dim=1) / 127).bfloat16()
+            q = torch.round(weight / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+            packed, dense = kernels.int8.pack(q, scale), (q.float() * scale.float()[:, None]).bfloat16()
+            for rows in (1, 8, 16):
+                x = torch.randn(rows, weight.shape[1], dtype=torch.bfloat16)
+                before = (lambda: torch.ops.aten._weight_int8pack_mm(x, q, scale)) if rows <= 4 else \
+                    (lambda: torch.nn.functional.linear(x, dense))
+                a, b = [], []
+                with torch.inference_mode():
+                    for _ in range(args.rounds):
+                        a.append(_time(before, repeats))
+                        b.append(_time(lambda: kernels.int8(x, packed, vocab), repeats))
+                print(f"int8_before_ms_{rows}: {statistics.median(a):.2f}")
+                print(f"int8_ours_ms_{rows}: {statistics.median(b):.2f}")
+                figures[f"int8_{rows}"] = statistics.median(a) / statistics.median(b)
+            print(f"int8_speedup_1: {figures['int8_1']:.2f}")
+            print(f"int8_speedup_16: {figures['int8_16']:.2f}")
+        if kernels.layer is not None:
+            ops = kernels.layer
+            inter = 1536 if not args.smoke else 64
+            for rows in (16, 150):
+                x = torch.randn(rows, hidden, dtype=torch.bfloat16)
+                delta = torch.randn(rows, hidden, dtype=torch.bfloat16)
+                qkv = torch.randn(rows, (kv * group + 2 * kv) * D, dtype=torch.bfloat16)
+                gate_up = torch.randn(rows, 2 * inter, dtype=torch.bfloat16)
+                cos, sin = torch.randn(rows, D, dtype=torch.bfloat16), torch.randn(rows, D, dtype=torch.bfloat16)
+                weight = torch.rand(hidden, dtype=torch.bfloat16)
+                heads, half = kv * group + kv, D // 2
+
+                def with_torch():
+                    for _ in range(layers):
+                        for _ in range(2):
+                            h = x + delta
+                            weight * torch.nn.functional.rms_norm(h.float(), (hidden,), eps=1e-5).to(torch.bfloat16)
+                        qk = qkv[:, : heads * D].view(rows, heads, D)
+                        qk * cos[:, None] + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin[:, None]
+                        gate, up = gate_up.chunk(2, dim=-1)
+                        torch.nn.functional.silu(gate) * up
+
+                def with_ours():
+                    for _ in range(layers):
+                        for _ in range(2):
+                            ops.add_rms_norm(x.clone(), delta, weight, 1e-5)
+                        ops.rotary_(qkv, heads, cos, sin)
+                        ops.silu_mul(gate_up)
+
+                a, b = [], []
+                with torch.inference_mode():
+                    for _ in range(args.rounds):
+                        a.append(_time(with_torch, repeats))
+                        b.append(_time(with_ours, repeats))
+                print(f"layer_ops_torch_ms_{rows}: {statistics.median(a):.2f}")
+                print(f"layer_ops_ours_ms_{rows}: {statistics.median(b):.2f}")
+                figures[f"ops_{rows}"] = statistics.median(a) / statistics.median(b)
+            print(f"layer_ops_speedup_16: {figures['ops_16']:.2f}")
+            print(f"layer_ops_speedup_150: {figures['ops_150']:.2f}")
         print(f"attention_speedup_1: {figures[(1, 200)]:.2f}")
         print(f"attention_speedup_16: {figures[(16, 200)]:.2f}")
 
