@@ -335,13 +335,42 @@ class Engine:
             self._join([seqs[g] for g in going], cache, mask, tokens, seen)
         return outputs
 
-    def _cached_prefixes(self, rows: list[list[int]]) -> tuple[DynamicCache, torch.Tensor, list[int]]:
+    @torch.inference_mode()
+    def prefill_part(self, seq: Sequence, tokens: int) -> int:
+        """Compute about `tokens` more of `seq`'s prompt, whole blocks after its cached prefix, into the
+        prefix cache only; it does not join the batch. Returns how many tokens it computed (0: none to do).
+
+        A long prompt in pieces (the worker's chunked prefill): whoever arrives meanwhile waits for
+        a piece, not the whole prompt, and the prompt's own prefill later starts from the pieces.
+        """
+        if self.prefix_cache is None:
+            return 0
+        row = seq.prompt_ids + seq.generated
+        block = self.prefix_cache.block_tokens
+        upto = min(self.prefix_cache.peek(row) + tokens, len(row) - 1) // block * block
+        if upto <= self.prefix_cache.peek(row):
+            return 0
+        part = row[:upto]
+        # Looked up with one token more: a lookup leaves its last token to compute, and all of part may be cached.
+        cache, _, (cached,) = self._cached_prefixes([row[:upto + 1]], count=False)
+        device = self.lm.device
+        input_ids = torch.tensor([part[cached:]], device=device)  # (1, S)
+        positions = torch.arange(cached, upto, device=device)[None, :]  # (1, S)
+        if self.lm.decoder is not None:
+            self.lm.decoder(input_ids=input_ids, position_ids=positions, cache=cache)
+        else:
+            self.lm.model(input_ids=input_ids, position_ids=positions, use_cache=True, logits_to_keep=1,
+                          **{self._cache_arg: cache})
+        self._remember_prefixes([part], [cached], cache)
+        return upto - cached
+
+    def _cached_prefixes(self, rows: list[list[int]], count: bool = True) -> tuple[DynamicCache, torch.Tensor, list[int]]:
         """A cache holding each row's cached prefix, left-padded to the longest (P); its (G, P) mask; each length."""
         device, G = self.lm.device, len(rows)
         if self.prefix_cache is None:
             cache = new_cache(self.lm.model.config) if self.append_cache else DynamicCache(config=self.lm.model.config)
             return cache, torch.zeros(G, 0, dtype=torch.long, device=device), [0] * G
-        hits = [self.prefix_cache.lookup(r) for r in rows]
+        hits = [self.prefix_cache.lookup(r, count) for r in rows]
         P = max(n for n, _ in hits)
         cache = new_cache(self.lm.model.config)
         mask = torch.zeros(G, P, dtype=torch.long, device=device)

@@ -36,9 +36,9 @@ class EngineLoop:
                 if self._state not in SERVING:
                     return
                 self._expire_and_abort(time.monotonic())
-                admitted = self._admit()
+                admitted, piece = self._admit()
             if admitted:
-                self._start(admitted)
+                self._start(admitted, piece)
             if self.engine.rows:
                 self._step()
 
@@ -57,8 +57,15 @@ class EngineLoop:
                              outcome="cancelled" if state == "cancelled" else "expired")
         self.metrics.queue_depth = len(self._queue)
 
-    def _admit(self) -> list[Job]:
-        """Holding the lock: the next jobs in fair order that fit the free slots and the prefill budget."""
+    def _admit(self) -> tuple[list[Job], int]:
+        """Holding the lock: the next jobs in fair order that fit the free slots and the prefill budget, and
+        how many of the lone job's prompt tokens to prefill now (0: all of them).
+
+        A prompt over the budget is prefilled whole, unless nobody else waits or its user has more
+        waiting (a flood): then a piece first (Engine.prefill_part), and the job goes back to the head of
+        its user's queue. A newcomer who arrives meanwhile waits for the piece, not the whole prompt,
+        and is next in fair order; their own prompt runs whole, as their user has nothing else waiting.
+        """
         admitted, tokens = [], 0
         room = min(self.engine.free_slots, MAX_PREFILL_GROUP)
         while len(admitted) < room and (peeked := self._queue.peek()) is not None:
@@ -70,10 +77,17 @@ class EngineLoop:
             admitted.append(head)
             tokens += cost
         self.metrics.queue_depth = len(self._queue)
-        return admitted
+        piece = 0
+        if len(admitted) == 1 and self.prefill_piece and tokens > self.prefill_tokens:
+            if not len(self._queue) or self._queue.queued(admitted[0].prepared.request.user_key):
+                piece = self.prefill_piece
+        return admitted, piece
 
-    def _start(self, jobs: list[Job]) -> None:
-        """Prefill the admitted jobs together; each one that fails, fails alone."""
+    def _start(self, jobs: list[Job], piece: int = 0) -> None:
+        """Prefill the admitted jobs together; each one that fails, fails alone. piece: prefill only that
+        many prompt tokens of the one job, then queue it again (see _admit)."""
+        if piece and self._prefill_piece(jobs[0], piece):
+            return
         results = self.engine.start_many([job.seq for job in jobs])
         outputs, no_room = [], []
         for job, result in zip(jobs, results):
@@ -89,6 +103,25 @@ class EngineLoop:
                 for job in reversed(no_room):
                     self._queue.push_front(job.seq.seq_id, job.prepared.request.user_key, job)
         self._deliver(outputs)
+
+    def _prefill_piece(self, job: Job, tokens: int) -> bool:
+        """A piece of the job's prompt into the prefix cache, and the job back at the head of its user's
+        queue (or settled, if it was cancelled meanwhile). False: no piece was computed; start it whole."""
+        try:
+            if not self.engine.prefill_part(job.seq, tokens):
+                return False
+        except Exception as error:  # its whole prefill, next, fails or succeeds for it alone
+            logger.warning("a piece of request %s's prompt failed (%r); prefilling it whole", job.seq.seq_id, error)
+            return False
+        with self._cond:
+            reason = self._aborts.pop(job.seq.seq_id, None)
+            if reason is None:
+                self._queue.push_front(job.seq.seq_id, job.prepared.request.user_key, job)
+                self.metrics.queue_depth = len(self._queue)
+                return True
+            state = "cancelled" if isinstance(reason, RequestCancelledError) else "failed"
+            self._settle(job, None, reason, state, outcome="cancelled" if state == "cancelled" else "expired")
+        return True
 
     def _step(self) -> None:
         # 1. One decode step for the whole batch.

@@ -56,16 +56,18 @@ class PrefixCache:
         """How many leading tokens of `ids` a lookup would find, without counting it as a use."""
         return len(self._chain(ids)) * self.block_tokens
 
-    def lookup(self, ids: list[int]) -> tuple[int, torch.Tensor | None]:
+    def lookup(self, ids: list[int], count: bool = True) -> tuple[int, torch.Tensor | None]:
         """(n, kv): the first n tokens' cached KV, (layers, 2, kv_heads, n, head_dim), or (0, None).
 
         n is a multiple of the block size and below len(ids): the last token is always left to
-        compute, because its logits are what the prefill is for.
+        compute, because its logits are what the prefill is for. count: whether the metrics count
+        it (a piece of a prompt, Engine.prefill_part, is counted once, when the prompt is prefilled).
         """
         chain = self._chain(ids)
         self._touch(chain)
-        self.lookups += len(ids)
-        self.hits += len(chain) * self.block_tokens
+        if count:
+            self.lookups += len(ids)
+            self.hits += len(chain) * self.block_tokens
         if not chain:
             return 0, None
         return len(chain) * self.block_tokens, torch.cat([b.kv for b in chain], dim=3)

@@ -43,6 +43,10 @@ class FairQueue(Generic[T]):
     def __len__(self) -> int:
         return self._size
 
+    def queued(self, user: str) -> int:
+        """How many of `user`'s items wait here."""
+        return len(self._queues.get(user, ()))
+
     def in_progress(self, user: str) -> int:
         return len(self._queues.get(user, ())) + self._running.get(user, 0)
 

@@ -49,6 +49,11 @@ GPU_MAX_BATCH = 64
 # 2.6 slot turnovers for its first token; about 128 tokens keeps that near one.
 CPU_PREFILL_TOKENS = 128
 GPU_PREFILL_TOKENS = 8192
+# A prompt over that budget, alone or from a user with more waiting, is prefilled in pieces of this
+# many tokens (engine_loop.py, _admit): a newcomer behind a flood waited for two whole ~150-token
+# prefills, now for a piece and their own.
+CPU_PREFILL_PIECE = 64
+GPU_PREFILL_PIECE = 0  # prompts never exceed the GPU's budget
 
 
 class Worker(QueueFront, EngineLoop, FaultHandling):
@@ -59,6 +64,7 @@ class Worker(QueueFront, EngineLoop, FaultHandling):
         on_gpu = lm.device.type == "cuda"
         default_batch = GPU_MAX_BATCH if on_gpu else CPU_MAX_BATCH
         self.prefill_tokens = GPU_PREFILL_TOKENS if on_gpu else CPU_PREFILL_TOKENS
+        self.prefill_piece = GPU_PREFILL_PIECE if on_gpu else CPU_PREFILL_PIECE
         self.engine = Engine(lm, config.max_batch or default_batch, prefix_cache_bytes=config.prefix_cache_mb * 2**20,
                              genre_steer=config.genre_steer)
         self.full_batch = self.engine.max_batch  # the cap an OOM lowers the engine's from, for a while

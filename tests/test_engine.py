@@ -271,3 +271,22 @@ def test_the_genre_steer_raises_each_genre_word_until_the_story_has_written_it(t
     assert not set(words) & set(plain)  # all logits equal: greedy takes the lowest id, no genre word
     assert sorted(steered[:3]) == sorted(words)  # with the steer, the genre's words come first, each once,
     assert steered[3:] == plain[1:]  # then the story is on its own again: what the plain one wrote after its first
+
+
+def test_a_prompt_prefilled_in_pieces_writes_what_it_writes_whole(tiny_lms):
+    lm = tiny_lms["instruct"]
+    prompt = _prompts(lm)[0]
+    params = SamplingParams(length=10, greedy=True)
+    engine = Engine(lm, 1, prefix_cache_bytes=2**20)
+    seq = Sequence("s", prompt, params)
+    pieces = []
+    while computed := engine.prefill_part(seq, 8):
+        pieces.append(computed)
+    assert len(pieces) >= 2 and set(pieces) == {8} and sum(pieces) == (len(prompt) - 1) // 8 * 8
+    assert not engine.rows and engine.prefix_cache.lookups == 0  # pieces join nothing and count no lookup
+    engine.start(seq)
+    while engine.rows:
+        engine.step()
+    assert seq.generated == _run_alone(lm, prompt, params)
+    assert (engine.prefix_cache.hits, engine.prefix_cache.lookups) == (sum(pieces), len(prompt))
+    assert Engine(lm, 1).prefill_part(Sequence("t", prompt, params), 8) == 0  # no prefix cache: no pieces

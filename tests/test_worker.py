@@ -94,6 +94,28 @@ async def test_fair_order_newcomer_waits_one_slot(lm, tmp_path, gate):
     assert "number 0" in prompts[0] and "number 99" in prompts[1]
 
 
+async def test_a_flooders_long_prompt_goes_in_pieces_and_a_newcomer_waits_for_one_piece(lm, tmp_path, gate):
+    config = _config(lm, tmp_path, max_batch=1, max_per_user=30)  # the prefix cache holds the pieces
+    long = "Once upon a time " * 6
+    flood = [_request(i, "api:x", prompt=f"{long}number {i}", params=replace(GREEDY, length=3)) for i in range(3)]
+    newcomer = _request(99, "api:y", prompt=f"{long}and a newcomer", params=replace(GREEDY, length=3))
+    expected = [generate_story(Engine(lm, 1), prepare(r, lm, config)).text for r in (*flood, newcomer)]
+    gate.seen.clear()
+    gate.groups.clear()
+    async with Worker(lm, config) as worker:
+        worker.prefill_tokens, worker.prefill_piece = 16, 8  # the tiny model's prompts are ~50 tokens
+        gate.open.clear()  # hold the engine in x's first forward while y arrives
+        handles = [await worker.submit(r) for r in flood]
+        await _until(gate.entered.is_set)
+        handles.append(await worker.submit(newcomer))
+        gate.open.set()
+        stories = await asyncio.gather(*handles)
+    newcomer_ids = prepare(newcomer, lm, config).prompt_ids
+    assert gate.groups[0] == [8]  # a piece of x's first prompt, not the whole of it
+    assert gate.seen[1] == newcomer_ids[-len(gate.seen[1]):] and len(gate.seen[1]) > 16  # then y's, whole
+    assert [s.text for s in stories] == expected  # pieces change nothing in what is written
+
+
 async def test_per_user_cap(lm, tmp_path, gate):
     async with Worker(lm, _config(lm, tmp_path, max_per_user=2)) as worker:
         gate.open.clear()
