@@ -116,7 +116,10 @@ class EngineLoop:
         with self._cond:
             reason = self._aborts.pop(job.seq.seq_id, None)
             if reason is None:
-                self._queue.push_front(job.seq.seq_id, job.prepared.request.user_key, job)
+                # A flooder's piece was their turn, so whoever came meanwhile goes first; a lone
+                # request's was not, so it keeps its place ahead of those who came after it.
+                user = job.prepared.request.user_key
+                self._queue.push_front(job.seq.seq_id, user, job, served=bool(self._queue.queued(user)))
                 self.metrics.queue_depth = len(self._queue)
                 return True
             state = "cancelled" if isinstance(reason, RequestCancelledError) else "failed"

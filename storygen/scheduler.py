@@ -37,6 +37,7 @@ class FairQueue(Generic[T]):
         self._queues: OrderedDict[str, deque[_Entry[T]]] = OrderedDict()  # rotation order: next user first
         self._running: dict[str, int] = {}
         self._served: dict[str, int] = {}  # user -> turn of their latest admission, for tie-breaks
+        self._served_before: dict[str, int | None] = {}  # user -> that before their latest admission
         self._turn = 0
         self._size = 0
 
@@ -62,8 +63,15 @@ class FairQueue(Generic[T]):
         self._queues.setdefault(user, deque()).append(_Entry(key, user, item))
         self._size += 1
 
-    def push_front(self, key: str, user: str, item: T) -> None:
-        """Put a preempted item back at the head of its user's queue (no caps: it was admitted once)."""
+    def push_front(self, key: str, user: str, item: T, served: bool = True) -> None:
+        """Put a preempted item back at the head of its user's queue (no caps: it was admitted once).
+        served=False: the admission it had does not count as the user's turn (right after `pop`)."""
+        if not served:
+            previous = self._served_before.get(user)
+            if previous is None:
+                self._served.pop(user, None)
+            else:
+                self._served[user] = previous
         self._queues.setdefault(user, deque()).appendleft(_Entry(key, user, item))
         self._queues.move_to_end(user, last=False)
         self._running[user] = max(0, self._running.get(user, 0) - 1)
@@ -86,6 +94,7 @@ class FairQueue(Generic[T]):
                 del self._queues[entry.user]
             self._running[entry.user] = self._running.get(entry.user, 0) + 1
             self._turn += 1
+            self._served_before[entry.user] = self._served.get(entry.user)
             self._served[entry.user] = self._turn
             return entry.key, entry.item
         return None

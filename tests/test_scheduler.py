@@ -72,3 +72,15 @@ def test_remove_and_push_front():
     key, _ = queue.pop()
     queue.push_front(key, "a", key)  # preempted: back at the head, no longer counted as running
     assert _drain(queue) == ["a0", "a2"]
+
+
+@pytest.mark.parametrize("served, first", [(True, "b0"), (False, "a0")])
+def test_an_item_put_back_goes_after_newer_users_only_if_its_admission_counted(served, first):
+    """The worker's prefill pieces: a flooder's piece was their turn; a lone request's was not."""
+    queue = FairQueue(max_queued=100, max_per_user=100)
+    queue.push("a0", "a", 0)
+    assert queue.pop() == ("a0", 0)
+    queue.push("b0", "b", 0)
+    queue.push_front("a0", "a", 0, served=served)
+    assert queue.in_progress("a") == 1  # queued again, no longer running
+    assert _drain(queue) == [first, "b0" if first == "a0" else "a0"]
