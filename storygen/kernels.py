@@ -65,10 +65,17 @@ _ROTARY_ARGS = [ctypes.c_void_p] * 3 + [_I64] * 4 + [ctypes.c_int]
 
 
 def _bind(library: ctypes.CDLL, name: str, argtypes: list) -> Callable[..., int]:
-    """One of the library's functions, typed: each returns 0 or an error code."""
+    """One of the library's functions, typed; a nonzero code it returns raises RuntimeError (ctypes' errcheck)."""
     function = getattr(library, name)
     function.restype, function.argtypes = ctypes.c_int, argtypes
+    function.errcheck = _raise_on_error
     return function
+
+
+def _raise_on_error(code: int, function: Callable, args: tuple) -> int:
+    if code:
+        raise RuntimeError(f"{function.__name__} failed (code {code})")
+    return code
 
 
 class DecodeAttention:
@@ -95,13 +102,11 @@ class DecodeAttention:
         T = key.shape[2]
         out = torch.empty_like(query, memory_format=torch.contiguous_format) if out is None else out
         m = mask.view(torch.uint8) if mask is not None else None
-        rc = self._fn(DTYPES[query.dtype], query.data_ptr(), key.data_ptr(), value.data_ptr(),
-                      m.data_ptr() if m is not None else None, out.data_ptr(), B, KV, G, T, D,
-                      *query.stride()[:3], *key.stride()[:3], *value.stride()[:3],
-                      *(m.stride() if m is not None else (0, 0)), *out.stride()[:3],
-                      torch.get_num_threads(), scale)
-        if rc:
-            raise RuntimeError(f"decode attention kernel failed (code {rc})")
+        self._fn(DTYPES[query.dtype], query.data_ptr(), key.data_ptr(), value.data_ptr(),
+                 m.data_ptr() if m is not None else None, out.data_ptr(), B, KV, G, T, D,
+                 *query.stride()[:3], *key.stride()[:3], *value.stride()[:3],
+                 *(m.stride() if m is not None else (0, 0)), *out.stride()[:3],
+                 torch.get_num_threads(), scale)
         return out
 
 
@@ -127,10 +132,8 @@ class Int4Matmul:
         M, K = x.shape
         y = x.new_empty(M, out_features)
         weight, scale, low = packed
-        rc = self._fn(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), low.data_ptr(), y.data_ptr(),
-                      M, out_features, K, torch.get_num_threads())
-        if rc:
-            raise RuntimeError(f"int4 matmul kernel failed (code {rc})")
+        self._fn(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), low.data_ptr(), y.data_ptr(),
+                 M, out_features, K, torch.get_num_threads())
         return y
 
 
@@ -152,10 +155,8 @@ class Int8Matmul:
         M, K = x.shape
         y = x.new_empty(M, out_features)
         weight, scale = packed
-        rc = self._fn(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), y.data_ptr(), M, out_features, K,
-                      torch.get_num_threads())
-        if rc:
-            raise RuntimeError(f"int8 matmul kernel failed (code {rc})")
+        self._fn(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), y.data_ptr(), M, out_features, K,
+                 torch.get_num_threads())
         return y
 
 
@@ -176,19 +177,15 @@ class LayerOps:
         rows, cols, x_stride = _rows(x)
         out = torch.empty(x.shape, dtype=x.dtype)
         delta_stride = _rows(delta)[2] if delta is not None else 0
-        rc = self._norm(x.data_ptr(), delta.data_ptr() if delta is not None else None, weight.data_ptr(),
-                        out.data_ptr(), rows, cols, x_stride, delta_stride, cols, eps, torch.get_num_threads())
-        if rc:
-            raise RuntimeError(f"rms_norm kernel failed (code {rc})")
+        self._norm(x.data_ptr(), delta.data_ptr() if delta is not None else None, weight.data_ptr(),
+                   out.data_ptr(), rows, cols, x_stride, delta_stride, cols, eps, torch.get_num_threads())
         return out
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """gate_up (..., 2 I): silu(gate) * up, (..., I)."""
         rows, cols, stride = _rows(gate_up)
         out = torch.empty(*gate_up.shape[:-1], cols // 2, dtype=gate_up.dtype)
-        rc = self._silu(gate_up.data_ptr(), out.data_ptr(), rows, cols // 2, stride, cols // 2, torch.get_num_threads())
-        if rc:
-            raise RuntimeError(f"silu_mul kernel failed (code {rc})")
+        self._silu(gate_up.data_ptr(), out.data_ptr(), rows, cols // 2, stride, cols // 2, torch.get_num_threads())
         return out
 
     def rotary_(self, x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -196,10 +193,8 @@ class LayerOps:
         rows, _, stride = _rows(x)
         dim = cos.shape[-1]
         cos, sin = cos.reshape(rows, dim).contiguous(), sin.reshape(rows, dim).contiguous()
-        rc = self._rotary(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), rows, heads, dim, stride,
-                          torch.get_num_threads())
-        if rc:
-            raise RuntimeError(f"rotary kernel failed (code {rc})")
+        self._rotary(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), rows, heads, dim, stride,
+                     torch.get_num_threads())
 
     @staticmethod
     def fits(*tensors: torch.Tensor) -> bool:
