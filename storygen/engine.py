@@ -259,19 +259,27 @@ class Engine:
         self._mask = torch.cat([self._mask, self._mask.new_ones(B, 1)], dim=1)  # (B, T+1)
         length = self._cache.get_seq_length()
         try:
-            inputs = {"input_ids": self._next[:, None],  # (B, 1)
-                      "attention_mask": self._mask if self._padded else None,
-                      "position_ids": self._positions[:, None]}  # (B, 1): rows sit at different positions
-            if self.lm.decoder is not None:  # Llama-family models: our lean step (decoder.py)
-                logits = self.lm.decoder(**inputs, cache=self._cache).logits[:, -1, :]
-            else:
-                logits = self.lm.model(**inputs, use_cache=True, **{self._cache_arg: self._cache}).logits[:, -1, :]
+            # Rows sit at different positions: (B, 1) each.
+            logits = self._forward(self._next[:, None], self._positions[:, None], self._cache,
+                                   self._mask if self._padded else None)
         except BaseException:
             self._mask = self._mask[:, :-1]
             self._crop(length)  # layers that already grew roll back, so the batch stays consistent
             raise
         self._positions = self._positions + 1
         return logits.float()  # (B, V); sampling's softmax and top-p sums want fp32, not bf16
+
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache,
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's forward over (G, S) new tokens a row, appending to `cache`; the last position's
+        logits, (G, V) in the model's dtype. Llama-family models go through our lean forward (decoder.py)."""
+        if self.lm.decoder is not None:
+            out = self.lm.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  cache=cache)
+        else:
+            out = self.lm.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
+        return out.logits[:, -1, :]
 
     def _check_fits(self, seq: Sequence) -> None:
         length = len(seq.prompt_ids) + seq.params.length
@@ -299,13 +307,7 @@ class Engine:
                          dim=1)  # (G, P+S): 0 at padding, which sits between prefix and rest in some rows
         padded = not bool(mask.all())
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, -S:]  # (G, S): each row counts from 0 at its first token
-        if self.lm.decoder is not None:  # Llama-family models: our lean forward (decoder.py)
-            out = self.lm.decoder(input_ids=input_ids, attention_mask=mask if padded else None, position_ids=positions,
-                                  cache=cache)
-        else:
-            out = self.lm.model(input_ids=input_ids, attention_mask=mask if padded else None,
-                                position_ids=positions if padded or mask.shape[1] > S else None, use_cache=True,
-                                logits_to_keep=1, **{self._cache_arg: cache})
+        last = self._forward(input_ids, positions, cache, mask if padded else None)  # (G, V)
         self._remember_prefixes(rows, cached, cache)
         if padded:  # padding's keys and values are never attended to; zero them so nothing odd can leak
             keep = mask.bool()[:, None, :, None]  # (G, 1, P+S, 1)
@@ -319,7 +321,7 @@ class Engine:
         seen[:, self._end_ids] = False  # the chat template's <|im_end|>: ending a story is no repetition
         knobs = RowKnobs.from_params([seq.params for seq in seqs], self.lm.vocab_size, device)
         penalise = any(seq.params.repetition_penalty != 1 for seq in seqs)
-        logits = self._shape(out.logits[:, -1, :].float(), seqs, self._steer_pairs(seqs))  # (G, V), fp32 always
+        logits = self._shape(last.float(), seqs, self._steer_pairs(seqs))  # (G, V), fp32 always
         tokens = sample_next(logits, knobs, seen if penalise else None, [s.generator for s in seqs],
                              self._end_ids, self._end_bias(seqs, knobs), inplace=True)
         outputs = [self._record(seq, tok) for seq, tok in zip(seqs, tokens.tolist())]
@@ -347,20 +349,16 @@ class Engine:
             return 0
         row = seq.prompt_ids + seq.generated
         block = self.prefix_cache.block_tokens
-        upto = min(self.prefix_cache.peek(row) + tokens, len(row) - 1) // block * block
-        if upto <= self.prefix_cache.peek(row):
+        known = self.prefix_cache.peek(row)
+        upto = min(known + tokens, len(row) - 1) // block * block
+        if upto <= known:
             return 0
         part = row[:upto]
         # Looked up with one token more: a lookup leaves its last token to compute, and all of part may be cached.
         cache, _, (cached,) = self._cached_prefixes([row[:upto + 1]], count=False)
         device = self.lm.device
-        input_ids = torch.tensor([part[cached:]], device=device)  # (1, S)
-        positions = torch.arange(cached, upto, device=device)[None, :]  # (1, S)
-        if self.lm.decoder is not None:
-            self.lm.decoder(input_ids=input_ids, position_ids=positions, cache=cache)
-        else:
-            self.lm.model(input_ids=input_ids, position_ids=positions, use_cache=True, logits_to_keep=1,
-                          **{self._cache_arg: cache})
+        self._forward(torch.tensor([part[cached:]], device=device), torch.arange(cached, upto, device=device)[None, :],
+                      cache)  # (1, S) each
         self._remember_prefixes([part], [cached], cache)
         return upto - cached
 
