@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from storygen.int8 import DualLinear, Int4Linear, SmallBatchLinear
+from storygen.int8 import SmallBatchLinear
 from storygen.kernels import DecodeAttention, LayerOps
 
 logger = logging.getLogger(__name__)
@@ -72,9 +72,7 @@ def fuse(parts: list[nn.Module]) -> nn.Module:
         dense.weight = nn.Parameter(weight[start:start + rows], requires_grad=False)
         start += rows
     kind = kinds.pop()
-    if kind in (Int4Linear, DualLinear):
-        return kind(fused, native=parts[0].native)
-    return kind(fused) if issubclass(kind, SmallBatchLinear) else fused
+    return kind(fused, native=parts[0].native) if issubclass(kind, SmallBatchLinear) else fused
 
 
 class _Concat(nn.Module):

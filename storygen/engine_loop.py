@@ -52,10 +52,13 @@ class EngineLoop:
                 reason = DeadlineExceededError(job.deadline - job.submitted)
             if reason is not None:
                 self.engine.abort(seq.seq_id)
-                state = "cancelled" if isinstance(reason, RequestCancelledError) else "failed"
-                self._settle(job, None, reason, state,
-                             outcome="cancelled" if state == "cancelled" else "expired")
+                self._settle_stopped(job, reason)
         self.metrics.queue_depth = len(self._queue)
+
+    def _settle_stopped(self, job: Job, reason: StorygenError) -> None:
+        """Holding the lock: an admitted job that had to stop (cancelled, or past its deadline) is settled."""
+        state = "cancelled" if isinstance(reason, RequestCancelledError) else "failed"
+        self._settle(job, None, reason, state, outcome="cancelled" if state == "cancelled" else "expired")
 
     def _admit(self) -> tuple[list[Job], int]:
         """Holding the lock: the next jobs in fair order that fit the free slots and the prefill budget, and
@@ -122,8 +125,7 @@ class EngineLoop:
                 self._queue.push_front(job.seq.seq_id, user, job, served=bool(self._queue.queued(user)))
                 self.metrics.queue_depth = len(self._queue)
                 return True
-            state = "cancelled" if isinstance(reason, RequestCancelledError) else "failed"
-            self._settle(job, None, reason, state, outcome="cancelled" if state == "cancelled" else "expired")
+            self._settle_stopped(job, reason)
         return True
 
     def _step(self) -> None:
