@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from storygen.kvcache import AppendLayer, cache_argument, new_cache, replace_layer, truncate_layer
+from storygen.kvcache import (AppendLayer, add_rows, cache_argument, keep_rows, new_cache, pad_left,
+                              replace_layer, truncate_layer)
 from storygen.model import LoadedModel
 from storygen.prefix_cache import PrefixCache
 from storygen.sampling import END_BOOST, RowKnobs, SamplingParams, ending_bias, sample_next
@@ -406,16 +407,14 @@ class Engine:
 
     def _join(self, seqs: list[Sequence], cache: DynamicCache, mask: torch.Tensor, tokens: torch.Tensor,
               seen: torch.Tensor) -> None:
-        """Add prefilled rows: left-pad whichever side is shorter so the caches line up."""
-        T, L = self._mask.shape[1], mask.shape[1]
-        width = max(T, L)
+        """Add prefilled rows after the batch's: whichever side is shorter is left-padded, so the caches line up."""
+        width = max(self._mask.shape[1], mask.shape[1])
         if self._cache is None:
             self._cache = cache
-        else:
+        else:  # written into the batch cache's spare rows (kvcache.AppendLayer.add_rows)
             for mine, theirs in zip(self._cache.layers, cache.layers):
-                replace_layer(mine, torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)], dim=0),
-                              torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)], dim=0))
-        self._mask = torch.cat([_pad_left(self._mask, width, dim=1), _pad_left(mask, width, dim=1)], dim=0)
+                add_rows(mine, theirs.keys, theirs.values, rows=self.max_batch)
+        self._mask = torch.cat([pad_left(self._mask, width, dim=1), pad_left(mask, width, dim=1)], dim=0)
         self._padded = not bool(self._mask.all())
         self._positions = torch.cat([self._positions, mask.sum(dim=1)])  # next position: each row's length
         self._next = torch.cat([self._next, tokens])
@@ -424,22 +423,26 @@ class Engine:
         self._set_knobs()
 
     def _keep(self, keep: list[int]) -> None:
-        """Shrink the batch to the rows at `keep`, then drop padding no row needs any more."""
+        """Shrink the batch to the rows at `keep` (ascending), then drop padding no row needs any more.
+
+        The last rows move into the leavers' places, so the cache copies only the rows that move
+        (kvcache.AppendLayer.keep_rows); the batch's order changes, which nothing depends on."""
         if not keep:
             self.rows, self._cache, self._knobs, self._steer_index = [], None, None, None
             self._mask = self._mask[:0, :0]
             self._positions, self._next, self._seen = self._positions[:0], self._next[:0], self._seen[:0]
             self._padded = False
             return
-        index = torch.tensor(keep, device=self.lm.device)
-        self.rows = [self.rows[i] for i in keep]
+        order = _fill_from_the_end(keep)
+        index = torch.tensor(order, device=self.lm.device)
+        self.rows = [self.rows[i] for i in order]
         self._mask, self._positions = self._mask[index], self._positions[index]
         self._next, self._seen = self._next[index], self._seen[index]
         self._set_knobs()
         first = int(self._mask.any(dim=0).to(torch.int8).argmax())  # columns before it: padding in every row
         self._mask = self._mask[:, first:]
         for layer in self._cache.layers:
-            replace_layer(layer, layer.keys[index, :, first:], layer.values[index, :, first:])
+            keep_rows(layer, order, first)
         self._padded = not bool(self._mask.all())
 
     def _set_knobs(self) -> None:
@@ -462,11 +465,14 @@ def _or_error(prefill, seq: Sequence) -> StepOutput | SequenceError:
         return SequenceError(seq.seq_id, error)
 
 
-def _pad_left(x: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
-    """Zero-pad `x` on the left along `dim` up to `width`."""
-    missing = width - x.shape[dim]
-    if missing <= 0:
-        return x
-    shape = list(x.shape)
-    shape[dim] = missing
-    return torch.cat([x.new_zeros(shape), x], dim=dim)
+def _fill_from_the_end(keep: list[int]) -> list[int]:
+    """The batch order after only the rows at `keep` (ascending) stay: a kept row stays where it is, and
+    each leaver's place in the first len(keep) is taken by a kept row from past them."""
+    size = len(keep)
+    stay = {i for i in keep if i < size}
+    holes = [p for p in range(size) if p not in stay]
+    movers = [i for i in keep if i >= size]
+    order = list(range(size))
+    for hole, mover in zip(holes, movers):
+        order[hole] = mover
+    return order
