@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from storygen.int8 import SmallBatchLinear
+from storygen.int8 import SmallBatchLinear, join
 from storygen.kernels import DecodeAttention, LayerOps
 
 logger = logging.getLogger(__name__)
@@ -54,8 +54,8 @@ def fuse(parts: list[nn.Module]) -> nn.Module:
     """One linear layer that computes `parts` side by side (their outputs concatenated).
 
     The parts' dense weights become views of the fused one, so no weight is held twice; a
-    fused layer gets the same kind of small-batch copy its parts had (int8.py), which is
-    exact: both are per output row. Parts of mixed kinds, with biases or packed for oneDNN
+    fused layer gets the same kind of small-batch copy its parts had, their copies joined
+    (int8.join), which is exact: both are per output row. Parts of mixed kinds, with biases or packed for oneDNN
     (fp32 on a CPU, onednn.py) are called one by one instead.
     """
     kinds = {type(part) for part in parts}
@@ -71,8 +71,7 @@ def fuse(parts: list[nn.Module]) -> nn.Module:
         rows = dense.weight.shape[0]
         dense.weight = nn.Parameter(weight[start:start + rows], requires_grad=False)
         start += rows
-    kind = kinds.pop()
-    return kind(fused, native=parts[0].native) if issubclass(kind, SmallBatchLinear) else fused
+    return join(fused, parts) if issubclass(kinds.pop(), SmallBatchLinear) else fused
 
 
 class _Concat(nn.Module):

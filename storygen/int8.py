@@ -44,6 +44,7 @@ INT4_OUT = 16  # the kernel's packing wants the output width a multiple of this
 INT4_EXACT = 0.02  # relative error within which a layer counts as already on a 4-bit grid
 
 Grid = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # q (out, in) int32 in 0..15; scale, low (out, in / G)
+Packed = tuple[torch.Tensor, ...]  # our kernels' layout of a copy (kernels.py): each tensor's rows are output rows or blocks of 16
 
 
 class SmallBatchLinear(nn.Module):
@@ -91,10 +92,14 @@ class DualLinear(SmallBatchLinear):
     kind = "int8"
     tolerance = 0.05
 
-    def __init__(self, dense: nn.Linear, native: Int8Matmul | None = None) -> None:
+    def __init__(self, dense: nn.Linear, native: Int8Matmul | None = None, packed: Packed | None = None) -> None:
         """native: our int8 kernel (storygen/kernels.py), used instead of torch's for a bf16 layer whose
-        widths it takes; it pays up to NATIVE_INT8_ROWS rows (its own packing of the same int8 weight)."""
+        widths it takes; it pays up to NATIVE_INT8_ROWS rows (its own packing of the same int8 weight).
+        packed: that packing when the caller has it already (join)."""
         super().__init__(dense)
+        if packed is not None and native is not None:
+            self.native, self.small_rows, self.native_weight = native, NATIVE_INT8_ROWS, packed
+            return
         weight = dense.weight.detach().float()
         scale = (weight.abs().amax(dim=1).clamp(min=1e-8) / 127).to(dense.weight.dtype)
         q = torch.round(weight / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
@@ -121,10 +126,15 @@ class Int4Linear(SmallBatchLinear):
     kind = "int4"
     tolerance = 0.2  # int4 of a full-precision layer is ~10 % off (STORYGEN_INT4=true); a broken kernel more
 
-    def __init__(self, dense: nn.Linear, grid: Grid | None = None, native: Int4Matmul | None = None) -> None:
+    def __init__(self, dense: nn.Linear, grid: Grid | None = None, native: Int4Matmul | None = None,
+                 packed: Packed | None = None) -> None:
         """grid: the weight's 4-bit grid when the caller has it already (_exact_int4_grid); native: our
-        kernel (storygen/kernels.py), used instead of torch's for a bf16 layer (its own packing of the grid)."""
+        kernel (storygen/kernels.py), used instead of torch's for a bf16 layer (its own packing of the grid);
+        packed: that packing when the caller has it already (join)."""
         super().__init__(dense)
+        if packed is not None and native is not None:
+            self.native, self.native_weight = native, packed
+            return
         q, scale, low = grid if grid is not None else _int4_grid(dense.weight.detach().float())
         self.native = native if native is not None and dense.weight.dtype == torch.bfloat16 else None
         if self.native is not None:
@@ -140,6 +150,24 @@ class Int4Linear(SmallBatchLinear):
         if self.native is not None:
             return self.native(x, self.native_weight, self.out_features)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.int4_weight, INT4_GROUP, self.int4_scales)
+
+
+def join(dense: nn.Linear, parts: list[SmallBatchLinear]) -> SmallBatchLinear:
+    """`dense` (the parts' weights one above the other) as a layer of the parts' kind, its quantized copy
+    the parts' own joined. Where our kernels serve the parts, their copies become views of the joined
+    one, so nothing is held twice (their layouts keep output rows, or blocks of 16, outermost); else the
+    joined weight is quantized again, which gives the same copy: both are per output row."""
+    kind, first = type(parts[0]), parts[0]
+    if first.native is None or any(part.native is not first.native for part in parts):
+        return kind(dense, native=first.native)
+    packed = tuple(torch.cat(tensors) for tensors in zip(*(part.native_weight for part in parts)))
+    start = 0
+    for part in parts:
+        stop = start + part.out_features
+        part.native_weight = tuple(t[start * len(t) // dense.out_features:stop * len(t) // dense.out_features]
+                                   for t in packed)
+        start = stop
+    return kind(dense, native=first.native, packed=packed)
 
 
 def _int4_grid(weight: torch.Tensor) -> Grid:

@@ -276,3 +276,25 @@ def test_the_setting_and_where_it_applies():
     assert kernels.can_use(cpu, torch.bfloat16) and not kernels.can_use(cpu, torch.float32)
     assert kernels.can_use(cpu, torch.float32, "true") and not kernels.can_use(cpu, torch.bfloat16, "false")
     assert not kernels.can_use(torch.device("cuda"), torch.bfloat16, "true")
+
+
+@needs_cc
+@pytest.mark.skipif(not _has_avx512_bf16(), reason="this CPU has no AVX-512 BF16: our int4 and int8 kernels stay off")
+def test_fused_layers_on_our_kernels_share_their_parts_copies(library):
+    from storygen.decoder import fuse
+    from storygen.int8 import DualLinear, Int4Linear
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    for make in (lambda out: Int4Linear(torch.nn.Linear(64, out, bias=False, dtype=torch.bfloat16), native=library.int4),
+                 lambda out: DualLinear(torch.nn.Linear(64, out, bias=False, dtype=torch.bfloat16), native=library.int8)):
+        parts = [make(32), make(16), make(48)]
+        with torch.inference_mode():
+            want = [part(x) for part in parts]
+            fused = fuse(parts)
+            assert type(fused) is type(parts[0]) and fused.native is parts[0].native
+            assert torch.equal(fused(x), torch.cat(want, dim=-1))  # the same copies, row by row
+            assert all(torch.equal(part(x), w) for part, w in zip(parts, want))  # the parts still work
+        for i, tensor in enumerate(fused.native_weight):  # each part's copy lies inside the fused one's
+            storage = tensor.untyped_storage().data_ptr()
+            assert all(part.native_weight[i].untyped_storage().data_ptr() == storage for part in parts)
