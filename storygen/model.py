@@ -8,6 +8,8 @@ STORYGEN_CACHE_DIR, and later starts load that in well under a second.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import importlib.metadata
 import logging
@@ -221,7 +223,22 @@ def load_model(config: StorygenConfig) -> LoadedModel:
         lm.decoder = LeanDecoder(model, kernel, native.layer if native is not None else None)
         logger.info("decode steps: storygen's lean Llama step (decoder.py)")
     logger.info("loaded %s (%s format) on %s as %s", model_id, lm.spec.format, device, dtype)
+    return_freed_memory()
     return lm
+
+
+def return_freed_memory() -> bool:
+    """Give the heap memory that was freed back to the OS; whether this C library can (glibc's malloc_trim).
+
+    Loading frees more than it keeps (the checkpoint's tensors, the weights before their int4 and
+    int8 copies), and glibc holds freed memory for reuse: for the default model that was ~230 MB of
+    a ~1.1 GB resident set that a container's memory limit counts, and nothing would ever use.
+    """
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        return True
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        return False
 
 
 def load_tokenizer(config: StorygenConfig) -> LoadedModel:
