@@ -30,12 +30,15 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from storygen.int8 import SmallBatchLinear, join
-from storygen.kernels import DecodeAttention, LayerOps
+from storygen.int8 import DualLinear, Int4Linear, SmallBatchLinear, join
+from storygen.kernels import (MAX_GROUP, MAX_HEAD_DIM, DecodeAttention, DecodeLayers, LayerOps, StackLayer,
+                              StackLinear)
+from storygen.kvcache import AppendLayer
 
 logger = logging.getLogger(__name__)
 
 LLAMA_LIKE = ("LlamaForCausalLM",)  # architectures whose decoder layers are exactly Llama's
+STACK_ROWS = 16  # rows up to which a decode step's layers are one C call (kernels.DecodeLayers): the matmuls' limit
 
 
 @dataclass(frozen=True)
@@ -126,7 +129,8 @@ class LeanDecoder(nn.Module):
     the model (tests/model_hooks.py) see the same `input_ids` and `.logits` here.
     """
 
-    def __init__(self, model: nn.Module, kernel: DecodeAttention | None = None, ops: LayerOps | None = None) -> None:
+    def __init__(self, model: nn.Module, kernel: DecodeAttention | None = None, ops: LayerOps | None = None,
+                 stack: DecodeLayers | None = None) -> None:
         super().__init__()
         inner, config = model.model, model.config
         with torch.no_grad():
@@ -144,6 +148,9 @@ class LeanDecoder(nn.Module):
         self.scaling = float(inner.layers[0].self_attn.scaling)
         self.kernel = kernel
         self.ops = ops  # our C kernels for the norms, rotary embedding and MLP activation (bf16 on a CPU)
+        # A decode step's layers in one C call (kernels.DecodeLayers), where every layer's parts are our kernels'.
+        self.stack = stack if stack is not None and kernel is not None and ops is not None else None
+        self._table = self._stack_table() if self.stack is not None else None
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache,
                 attention_mask: torch.Tensor | None = None) -> DecodeOutput:
@@ -162,6 +169,12 @@ class LeanDecoder(nn.Module):
         # 1. The rotary angles of every row's position, once for all layers: (B, D).
         cos, sin = (t[:, 0] for t in parts.rotary(x, position_ids))
         x, h = self._add_norm(ops, x, None, parts.layers[0].norm_in, self.layer_eps[0][0])
+        if self._table is not None and ops is not None and B <= STACK_ROWS and all(
+                isinstance(layer, AppendLayer) and layer.is_initialized for layer in cache.layers):
+            # 2-3 below, in C: the same kernels on the same buffers, one call for all layers.
+            self.stack(self._table, x, h, cos.contiguous(), sin.contiguous(), mask,
+                       [layer.extend(1) for layer in cache.layers], H, KV, self._inter, self.scaling)
+            return DecodeOutput(parts.lm_head(h)[:, None, :])
         for i, (layer, cache_layer) in enumerate(zip(parts.layers, cache.layers)):
             # 2. Attention: project q, k and v at once, rotate q and k together (rotate_half, as
             #    transformers), append k and v to the cache, attend over it.
@@ -210,6 +223,29 @@ class LeanDecoder(nn.Module):
                                   self.layer_eps[i][1])
             x, h = self._add_norm(ops, x, layer.down(self._silu_mul(ops, layer.gate_up(h))), *self._next_norm(i))
         return DecodeOutput(parts.lm_head(h))  # (B, 1, V)
+
+    def _stack_table(self):
+        """The layers for kernels.DecodeLayers, or None where some part is not on our kernels (then each
+        layer runs here, part by part)."""
+        def linear(module: nn.Module) -> StackLinear | None:
+            kind = {Int4Linear: 4, DualLinear: 8}.get(type(module))
+            if kind is None or module.native is None or module.bias is not None or module.small_rows < STACK_ROWS:
+                return None
+            return StackLinear(kind, module.out_features, module.in_features, module.native_weight)
+
+        layers, count = [], len(self.parts.layers)
+        if self.heads % self.kv_heads or self.heads // self.kv_heads > MAX_GROUP or self.head_dim > MAX_HEAD_DIM:
+            return None
+        for i, layer in enumerate(self.parts.layers):
+            parts = [linear(m) for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+            norm_next, eps_next = self._next_norm(i)
+            norms = (layer.norm_post, norm_next)
+            if None in parts or any(n.dtype != torch.bfloat16 or not n.is_contiguous() for n in norms):
+                return None
+            layers.append(StackLayer(layer.norm_post, self.layer_eps[i][1], norm_next, eps_next, *parts))
+        self._inter = layers[0].gate_up.out_features // 2 if count else 0
+        self._stack_layers = layers  # the table points into their tensors
+        return self.stack.table(layers) if count else None
 
     # --- the small operations: our C kernels (kernels.LayerOps) for bf16 on a CPU, else torch --------
 

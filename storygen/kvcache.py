@@ -58,12 +58,18 @@ class AppendLayer(DynamicLayer):
         if not self.is_initialized or self._k is None:
             self.set(key_states, value_states)
             return self.keys, self.values
-        B, T, n = self.keys.shape[0], self.keys.shape[-2], key_states.shape[-2]
+        T = self.keys.shape[-2]
+        keys, values = self.extend(key_states.shape[-2])
+        keys[:, :, T:] = key_states
+        values[:, :, T:] = value_states
+        return keys, values
+
+    def extend(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The view grown by `n` positions at the end, for the caller to write (update, or a kernel
+        that writes them itself: kernels.DecodeLayers); the buffers are made again if there is no room."""
+        B, T = self.keys.shape[0], self.keys.shape[-2]
         if self._start + T + n > self._k.shape[-2]:
             self.set(self.keys, self.values, spare=max(MIN_SPARE, T, n), rows=self._k.shape[0])
-        end = self._start + T
-        self._k[:B, :, end:end + n] = key_states
-        self._v[:B, :, end:end + n] = value_states
         self._view(B, T + n)
         return self.keys, self.values
 

@@ -220,7 +220,8 @@ def load_model(config: StorygenConfig) -> LoadedModel:
     lm = _assemble(config, source, model_id, local, tokenizer, model, model.config,
                    model.generation_config.eos_token_id, device, dtype)
     if can_use_lean(model, device, config.lean_decode):
-        lm.decoder = LeanDecoder(model, kernel, native.layer if native is not None else None)
+        lm.decoder = LeanDecoder(model, kernel, native.layer if native is not None else None,
+                                 native.stack if native is not None else None)
         logger.info("decode steps: storygen's lean Llama step (decoder.py)")
     logger.info("loaded %s (%s format) on %s as %s", model_id, lm.spec.format, device, dtype)
     return_freed_memory()

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from storygen import decoder
+from storygen import decoder, kernels
 from storygen.config import Env, StorygenConfig
 from storygen.engine import Engine, Sequence
 from storygen.errors import ConfigError
@@ -182,3 +182,44 @@ def test_fused_layers_compute_their_parts_side_by_side_on_shared_weights():
     mixed = [torch.nn.Linear(64, 16, bias=False), torch.nn.Linear(64, 16, bias=True)]
     with torch.inference_mode():
         assert torch.equal(decoder.fuse(mixed)(x.float()), torch.cat([m(x.float()) for m in mixed], dim=-1))
+
+
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")) or "avx512_bf16" not in (kernels.cpu_flags() or ()),
+                    reason="our int4 and int8 kernels need a C compiler and AVX-512 BF16")
+@pytest.mark.parametrize("int4", ["true", "false"])  # every block layer int4, or every one int8
+def test_a_step_in_one_call_is_the_layer_loop_bit_for_bit(tiny_dirs, tmp_path, int4):
+    lm = load_model(tiny_config(tiny_dirs["instruct"], "instruct", tmp_path, dtype="bfloat16", int4=int4))
+    lean = lm.decoder
+    assert lean._table is not None  # every layer's parts are on our kernels, so steps take the one call
+    calls, stack = [], lean.stack
+    lean.stack = lambda *args: (calls.append(args[1].shape[0]), stack(*args))[1]
+    model = lm.model
+    rows = [[3, 4, 5, 6, 7, 8], [9, 10], [11, 12, 13, 14]]
+    width = max(map(len, rows))
+    ids = torch.tensor([[lm.pad_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        caches = [new_cache(model.config), new_cache(model.config)]
+        for cache in caches:
+            lean(input_ids=ids, position_ids=positions, cache=cache, attention_mask=mask)
+        token, table = torch.tensor([[20], [21], [22]]), lean._table
+        for step in range(4):
+            mask = torch.cat([mask, mask.new_ones(3, 1)], dim=1)
+            positions = positions[:, -1:] + 1
+            one = lean(input_ids=token, position_ids=positions, cache=caches[0], attention_mask=mask).logits
+            lean._table = None  # the Python loop over layers, part by part
+            try:
+                loop = lean(input_ids=token, position_ids=positions, cache=caches[1], attention_mask=mask).logits
+            finally:
+                lean._table = table
+            assert torch.equal(one, loop), step
+            token = one[:, -1].argmax(-1, keepdim=True)
+    assert calls == [3] * 4
+    for ours, theirs in zip(*(cache.layers for cache in caches)):
+        assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+    # And the engine writes the same stories with it as without it.
+    params = SamplingParams(length=12, temperature=0.9, top_k=20, seed=4)
+    want = _stories(lm, params)
+    lean._table = None
+    assert _stories(lm, params) == want
