@@ -136,7 +136,8 @@ class Int4Linear(SmallBatchLinear):
             self.native, self.native_weight = native, packed
             return
         q, scale, low = grid if grid is not None else _int4_grid(dense.weight.detach().float())
-        self.native = native if native is not None and dense.weight.dtype == torch.bfloat16 else None
+        ours = native is not None and dense.weight.dtype == torch.bfloat16 and Int4Matmul.holds(scale, low)
+        self.native = native if ours else None
         if self.native is not None:
             self.native_weight = Int4Matmul.pack(q, scale, low)
             return

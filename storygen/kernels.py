@@ -57,6 +57,7 @@ COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC")
 LINK_FLAGS = ("-shared", "-fopenmp")
 MAX_GROUP, MAX_HEAD_DIM = 32, 256  # the kernel's MAX_G and MAX_D
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+F16_MAX = 65504.0
 BUILD_TIMEOUT_S = 120
 
 _I64 = ctypes.c_int64
@@ -124,13 +125,19 @@ class Int4Matmul:
 
     @staticmethod
     def pack(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The kernel's layout of a grid: q (N, K) in 0..15; scale, low (N, K / 32). N % 16 == 0, K % 32 == 0."""
+        """The kernel's layout of a grid: q (N, K) in 0..15; scale, low (N, K / 32), within fp16's range
+        (`holds`). N % 16 == 0, K % 32 == 0."""
         N, K = q.shape
         q = q.to(torch.uint8).reshape(N // 16, 16, K // 2, 2)  # (blocks, column, pair, even/odd)
         packed = (q[..., 0] | (q[..., 1] << 4)).permute(0, 2, 1).contiguous()  # (N / 16, K / 2, 16)
-        def per_block(t: torch.Tensor) -> torch.Tensor:
-            return t.float().reshape(N // 16, 16, K // 32).permute(0, 2, 1).contiguous()  # (N / 16, K / 32, 16)
+        def per_block(t: torch.Tensor) -> torch.Tensor:  # (N / 16, K / 32, 16) fp16
+            return t.float().reshape(N // 16, 16, K // 32).permute(0, 2, 1).half().contiguous()
         return packed, per_block(scale), per_block(low)
+
+    @staticmethod
+    def holds(scale: torch.Tensor, low: torch.Tensor) -> bool:
+        """Whether a grid's scales and minimums fit the packing's fp16."""
+        return max(scale.abs().max().item(), low.abs().max().item()) < F16_MAX
 
     def __call__(self, x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor], out_features: int,
                  ) -> torch.Tensor:

@@ -301,3 +301,16 @@ def test_fused_layers_on_our_kernels_share_their_parts_copies(library):
         for i, tensor in enumerate(fused.native_weight):  # each part's copy lies inside the fused one's
             storage = tensor.untyped_storage().data_ptr()
             assert all(part.native_weight[i].untyped_storage().data_ptr() == storage for part in parts)
+
+
+@needs_cc
+@pytest.mark.skipif(not _has_avx512_bf16(), reason="this CPU has no AVX-512 BF16: int4 matmuls stay with torch's")
+def test_int4_scales_are_held_in_fp16_and_a_grid_past_its_range_stays_with_torch(library):
+    from storygen.int8 import Int4Linear, _int4_grid
+
+    dense = torch.nn.Linear(64, 32, bias=False, dtype=torch.bfloat16)
+    layer = Int4Linear(dense, native=library.int4)
+    assert layer.native is not None and {t.dtype for t in layer.native_weight[1:]} == {torch.float16}
+    q, scale, low = _int4_grid(dense.weight.float())
+    huge = Int4Linear(dense, grid=(q, scale, low - 70000), native=library.int4)  # minimums fp16 can't hold
+    assert huge.native is None and hasattr(huge, "int4_weight")

@@ -20,7 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-int storygen_int4_matmul(const uint16_t *x, const uint8_t *packed, const float *scale, const float *low, uint16_t *y,
+int storygen_int4_matmul(const uint16_t *x, const uint8_t *packed, const uint16_t *scale, const uint16_t *low, uint16_t *y,
                          int64_t M, int64_t N, int64_t K, int nthreads);
 int storygen_int8_matmul(const uint16_t *x, const int8_t *packed, const float *scale, uint16_t *y,
                          int64_t M, int64_t N, int64_t K, int nthreads);
@@ -39,10 +39,9 @@ int storygen_rotary(uint16_t *x, const uint16_t *cos_, const uint16_t *sin_, int
 
 /* A linear layer's quantized copy in our kernels' layout (kernels.Int4Matmul.pack, Int8Matmul.pack). */
 typedef struct {
-    int64_t kind; /* 4: int4 (weight, scale, low), 8: int8 (weight, scale) */
+    int64_t kind; /* 4: int4 (weight, fp16 scale and low), 8: int8 (weight, fp32 scale) */
     int64_t out, in;
-    const void *weight;
-    const float *scale, *low;
+    const void *weight, *scale, *low;
 } Linear;
 
 /* One decoder layer: its two norms and four linear layers (q/k/v fused, gate/up fused). */
@@ -54,9 +53,11 @@ typedef struct {
 
 static int linear(const Linear *l, const uint16_t *x, uint16_t *y, int64_t rows, int threads) {
     if (l->kind == 4)
-        return storygen_int4_matmul(x, (const uint8_t *)l->weight, l->scale, l->low, y, rows, l->out, l->in, threads);
+        return storygen_int4_matmul(x, (const uint8_t *)l->weight, (const uint16_t *)l->scale, (const uint16_t *)l->low,
+                                    y, rows, l->out, l->in, threads);
     if (l->kind == 8)
-        return storygen_int8_matmul(x, (const int8_t *)l->weight, l->scale, y, rows, l->out, l->in, threads);
+        return storygen_int8_matmul(x, (const int8_t *)l->weight, (const float *)l->scale, y, rows, l->out, l->in,
+                                    threads);
     return 1;
 }
 
