@@ -1,5 +1,6 @@
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from storygen.genres import GENRES, detect_genre
+from storygen.kernels import cpu_flags
 from storygen.prompts import SEED_GENRES
 from tests.conftest import DEV_PLOTS
 
@@ -227,3 +229,15 @@ def test_random_model_gives_a_skeleton_weights_that_load(tmp_path):
     assert lm.vocab_size == theirs.vocab_size and lm.tokenizer("Once").input_ids == theirs.tokenizer("Once").input_ids
     mine, original = lm.model.state_dict(), theirs.model.state_dict()
     assert mine.keys() == original.keys() and not any(torch.equal(mine[k], original[k]) for k in mine if "proj" in k)
+
+
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")) or "avx512_bf16" not in (cpu_flags() or ()),
+                    reason="the one-call decode step needs a C compiler and AVX-512 BF16")
+def test_step_bench_smoke_run():
+    result = subprocess.run([sys.executable, "benchmarks/step_bench.py", "--model", "tiny", "--steps", "3",
+                             "--rounds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    figures = dict(line.split(": ", 1) for line in lines[1:])
+    assert all(float(figures[f"step_ms_{path}_{rows}"]) > 0 for path in ("one_call", "loop") for rows in (1, 4, 16))
+    assert re.fullmatch(r"step_speedup_16: \d+\.\d\d", lines[-2]) and re.fullmatch(r"step_speedup_1: \d+\.\d\d", lines[-1])

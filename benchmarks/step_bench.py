@@ -1,0 +1,88 @@
+"""A decode step's layers in one C call (kernels.DecodeLayers) against decoder.py's loop over them.
+
+    python benchmarks/step_bench.py                                   # the default model
+    python benchmarks/step_bench.py --model tiny --steps 4 --rounds 1  # smoke run
+
+The engine's decode steps at 1, 4 and 16 rows, on one model in this one process: the rows are the
+worker benchmark's prompts with room for 400 tokens, so none ends during the timing. For each row
+count, --rounds rounds alternate the one-call path and the loop (the same arithmetic, bit for bit:
+tests/test_decoder.py); the figures are medians. The last lines are `step_speedup_16: X.XX` and
+`step_speedup_1: X.XX`: the loop's time over the one call's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.worker_bench import load, openings  # noqa: E402
+from storygen.engine import Engine, Sequence  # noqa: E402
+from storygen.logs import quiet_libraries  # noqa: E402
+from storygen.model import LoadedModel  # noqa: E402
+from storygen.sampling import SamplingParams  # noqa: E402
+from storygen.stories import StoryRequest, prepare  # noqa: E402
+
+ROWS = (1, 4, 16)
+
+
+def step_ms(lm: LoadedModel, prompts: list[list[int]], rows: int, steps: int) -> float:
+    """Milliseconds per engine decode step with `rows` rows, after two steps to settle."""
+    params = SamplingParams(length=400, temperature=0.8, top_p=0.95, top_k=50, repetition_penalty=1.1)
+    engine = Engine(lm, rows)
+    engine.start_many([Sequence(f"s{i}", prompts[i % len(prompts)], params) for i in range(rows)])
+    for _ in range(2):
+        engine.step()
+    started = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    return (time.perf_counter() - started) / steps * 1000
+
+
+def main(argv: list[str] | None = None) -> None:
+    quiet_libraries()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default", help="'default', 'tiny', a directory or a .gguf")
+    parser.add_argument("--steps", type=int, default=30, help="decode steps timed per round")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per row count, alternating the two paths")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        lm, _, config = load(args.model, Path(tmp))
+    lean = lm.decoder
+    if lean is None or lean._table is None:
+        sys.exit("the one-call path is off for this model here: it needs the lean decoder and every layer on our "
+                 "int4 or int8 kernels (bf16 on a CPU with AVX-512 BF16 and a C compiler); see the log")
+    request = SamplingParams(length=400)
+    prompts = [prepare(StoryRequest(f"p{i}", "api:bench", genre, opening, request), lm, config).prompt_ids
+               for i, (genre, opening) in enumerate(openings(16))]
+    print(f"model {lm.name} on {lm.device} ({lm.dtype}), {torch.get_num_threads()} threads; "
+          f"{args.steps} steps a round, medians of {args.rounds} rounds")
+    table, speedups = lean._table, {}
+    with torch.inference_mode():
+        for rows in ROWS:
+            times = {"one_call": [], "loop": []}
+            for _ in range(args.rounds):
+                for path in times:
+                    lean._table = table if path == "one_call" else None
+                    try:
+                        times[path].append(step_ms(lm, prompts, rows, args.steps))
+                    finally:
+                        lean._table = table
+            one, loop = statistics.median(times["one_call"]), statistics.median(times["loop"])
+            print(f"step_ms_one_call_{rows}: {one:.2f}")
+            print(f"step_ms_loop_{rows}: {loop:.2f}")
+            speedups[rows] = loop / one
+    print(f"step_speedup_16: {speedups[16]:.2f}")
+    print(f"step_speedup_1: {speedups[1]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
