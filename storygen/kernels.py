@@ -4,7 +4,8 @@
   token per row against a few hundred cached positions, is bound by its per-block overhead
   rather than by reading the cache: 12–15 ms of a batch-16 bf16 step of SmolLM2-135M on a
   2-core CPU at 200 positions. The C kernel reads each key and value row once for all the
-  query heads that share it: 7–8 ms (benchmarks/kernels_bench.py).
+  query heads that share it: 7–8 ms, and 4.8 ms where the CPU has AVX-512 BF16 (16 keys' scores at a
+  time by the bf16 dot-product instruction) (benchmarks/kernels_bench.py).
 - int4 matmul for up to 16 rows (csrc/int4_matmul.c), on CPUs with AVX-512 BF16. torch's
   weight-only int4 kernel dequantises the weight for every row, so at 16 rows it is slower
   than bf16; this one turns each 4-bit value into bf16 once per call, multiplies it into all
