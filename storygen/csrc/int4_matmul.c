@@ -39,27 +39,39 @@ static inline __m512i weight_pairs(const uint8_t *bytes, __m512i levels) {
  * Within a group of 32 inputs the weight is q * scale + low, so a row's dot product over the
  * group is scale * (x . q) + low * sum(x): x . q comes from the bf16 dot-product instruction,
  * exactly (small integers times bf16 fit fp32), and sum(x) per row and group is computed once
- * per call (xsum). */
-#define DEFINE_BLOCK(MR)                                                                              \
+ * per call (xsum). IL partial sums per row take alternate input pairs: with one or two rows, one
+ * sum per row would be a chain of 16 dependent dot products per group, each waiting for the last
+ * (a lone story's step was bound by that latency, at 15 of this CPU's ~34 GB/s). */
+#define DEFINE_BLOCK(MR, IL)                                                                          \
     static void block_##MR(const uint32_t *x, const float *xsum, int64_t M, int64_t K,                \
                            const uint8_t *packed, const uint16_t *scale, const uint16_t *low, uint16_t *y, \
                            int64_t N, int64_t b, __m512i levels) {                                    \
-        __m512 acc[MR], part[MR];                                                                     \
+        __m512 acc[MR], part[MR][IL];                                                                 \
         for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();                                    \
         const int64_t pairs = K / 2, groups = K / 32;                                                 \
         for (int64_t g = 0; g < groups; ++g) {                                                        \
-            for (int m = 0; m < MR; ++m) part[m] = _mm512_setzero_ps();                               \
-            for (int64_t p = g * 16; p < g * 16 + 16; ++p) {                                          \
-                const __m512i w = weight_pairs(packed + (b * pairs + p) * 16, levels);                \
-                for (int m = 0; m < MR; ++m) {                                                        \
-                    const uint32_t xp = m < M ? x[m * pairs + p] : 0u;                                \
-                    part[m] = _mm512_dpbf16_ps(part[m], (__m512bh)w, (__m512bh)_mm512_set1_epi32((int)xp)); \
+            for (int m = 0; m < MR; ++m)                                                              \
+                for (int i = 0; i < IL; ++i) part[m][i] = _mm512_setzero_ps();                        \
+            for (int64_t p = g * 16; p < g * 16 + 16; p += IL) {                                      \
+                for (int i = 0; i < IL; ++i) {                                                        \
+                    const __m512i w = weight_pairs(packed + (b * pairs + p + i) * 16, levels);        \
+                    for (int m = 0; m < MR; ++m) {                                                    \
+                        const uint32_t xp = m < M ? x[m * pairs + p + i] : 0u;                        \
+                        part[m][i] = _mm512_dpbf16_ps(part[m][i], (__m512bh)w,                        \
+                                                      (__m512bh)_mm512_set1_epi32((int)xp));          \
+                    }                                                                                 \
                 }                                                                                     \
             }                                                                                         \
             const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scale + (b * groups + g) * 16))); \
             const __m512 l = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(low + (b * groups + g) * 16)));   \
             for (int m = 0; m < MR; ++m) {                                                            \
-                acc[m] = _mm512_fmadd_ps(part[m], s, acc[m]);                                         \
+                __m512 sum = part[m][0];                                                              \
+                if (IL == 4)                                                                          \
+                    sum = _mm512_add_ps(_mm512_add_ps(part[m][0], part[m][1 % IL]),                   \
+                                        _mm512_add_ps(part[m][2 % IL], part[m][3 % IL]));             \
+                else if (IL == 2)                                                                     \
+                    sum = _mm512_add_ps(part[m][0], part[m][1 % IL]);                                 \
+                acc[m] = _mm512_fmadd_ps(sum, s, acc[m]);                                             \
                 acc[m] = _mm512_fmadd_ps(l, _mm512_set1_ps(m < M ? xsum[m * groups + g] : 0.0f), acc[m]); \
             }                                                                                         \
         }                                                                                             \
@@ -67,9 +79,11 @@ static inline __m512i weight_pairs(const uint8_t *bytes, __m512i levels) {
             _mm256_storeu_si256((__m256i *)(y + m * N + b * 16), (__m256i)_mm512_cvtneps_pbh(acc[m])); \
     }
 
-DEFINE_BLOCK(4)
-DEFINE_BLOCK(8)
-DEFINE_BLOCK(16)
+DEFINE_BLOCK(1, 4)
+DEFINE_BLOCK(2, 2)
+DEFINE_BLOCK(4, 1)
+DEFINE_BLOCK(8, 1)
+DEFINE_BLOCK(16, 1)
 
 int storygen_int4_matmul(const uint16_t *x, const uint8_t *packed, const uint16_t *scale, const uint16_t *low, uint16_t *y,
                          int64_t M, int64_t N, int64_t K, int nthreads) {
@@ -91,7 +105,11 @@ int storygen_int4_matmul(const uint16_t *x, const uint8_t *packed, const uint16_
     const __m512i levels = _mm512_loadu_si512(table);
 #pragma omp parallel for num_threads(nthreads > 0 ? nthreads : 1) schedule(static)
     for (int64_t b = 0; b < N / 16; ++b) {
-        if (M <= 4)
+        if (M == 1)
+            block_1((const uint32_t *)x, xsum, M, K, packed, scale, low, y, N, b, levels);
+        else if (M == 2)
+            block_2((const uint32_t *)x, xsum, M, K, packed, scale, low, y, N, b, levels);
+        else if (M <= 4)
             block_4((const uint32_t *)x, xsum, M, K, packed, scale, low, y, N, b, levels);
         else if (M <= 8)
             block_8((const uint32_t *)x, xsum, M, K, packed, scale, low, y, N, b, levels);
