@@ -129,8 +129,9 @@ class Int4Matmul:
         """The kernel's layout of a grid: q (N, K) in 0..15; scale, low (N, K / 32), within fp16's range
         (`holds`). N % 16 == 0, K % 32 == 0."""
         N, K = q.shape
-        q = q.to(torch.uint8).reshape(N // 16, 16, K // 2, 2)  # (blocks, column, pair, even/odd)
-        packed = (q[..., 0] | (q[..., 1] << 4)).permute(0, 2, 1).contiguous()  # (N / 16, K / 2, 16)
+        q = q.to(torch.int32).reshape(N // 16, 16, K // 8, 4, 2).permute(0, 2, 1, 4, 3)  # (block, chunk, column, e, k)
+        words = (q << torch.tensor([0, 4, 8, 12])).sum(dim=-1)  # (N / 16, K / 8, 16, 2): k's nibble at bits 4k
+        packed = words.to(torch.uint16).view(torch.uint8).contiguous()  # the C kernel reads little-endian words
         def per_block(t: torch.Tensor) -> torch.Tensor:  # (N / 16, K / 32, 16) fp16
             return t.float().reshape(N // 16, 16, K // 32).permute(0, 2, 1).half().contiguous()
         return packed, per_block(scale), per_block(low)
