@@ -10,7 +10,7 @@
   weight-only int4 kernel dequantises the weight for every row, so at 16 rows it is slower
   than bf16; this one turns each 4-bit value into bf16 once per call, multiplies it into all
   rows with the bf16 dot-product instruction, and applies each group's scale and minimum to
-  the sums: about 2x torch's at 8 and 16 rows, 1.6x at 4, the same at 1 (benchmarks/kernels_bench.py).
+  the sums: about 2x torch's at 8 and 16 rows, 1.6x at 4, 1.3x at 1 (benchmarks/kernels_bench.py).
 - int8 matmul for up to 16 rows (csrc/int8_matmul.c), AVX-512 BF16: the same for int8 copies with a
   scale per output row, such as the default model's output layer: about 2x the bf16 layer at 16
   rows, 1.4x torch's int8 kernel at one.
