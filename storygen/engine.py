@@ -412,8 +412,11 @@ class Engine:
         if self._cache is None:
             self._cache = cache
         else:  # written into the batch cache's spare rows (kvcache.AppendLayer.add_rows)
+            # Room made for twice the rows, up to the cap: on a GPU with a large model, 64 rows of room
+            # made at once could take gigabytes that a few running stories don't need.
+            room = min(self.max_batch, 2 * (len(self.rows) + len(seqs)))
             for mine, theirs in zip(self._cache.layers, cache.layers):
-                add_rows(mine, theirs.keys, theirs.values, rows=self.max_batch)
+                add_rows(mine, theirs.keys, theirs.values, rows=room)
         self._mask = torch.cat([pad_left(self._mask, width, dim=1), pad_left(mask, width, dim=1)], dim=0)
         self._padded = not bool(self._mask.all())
         self._positions = torch.cat([self._positions, mask.sum(dim=1)])  # next position: each row's length

@@ -94,3 +94,17 @@ def test_fill_from_the_end_moves_only_rows_from_past_the_kept_batch(keep, order)
     result = _fill_from_the_end(keep)
     assert sorted(result) == keep and result == order
     assert all(old == p or old >= len(keep) for p, old in enumerate(result))
+
+
+def test_the_engine_makes_room_for_twice_its_rows_up_to_the_cap(tiny_lms):
+    from storygen.engine import Engine, Sequence
+    from storygen.sampling import SamplingParams
+
+    lm = tiny_lms["instruct"]
+    engine = Engine(lm, max_batch=6)
+    params = SamplingParams(length=30, greedy=True)
+    engine.start(Sequence("a", [5, 6, 7], params))
+    engine.start(Sequence("b", [8, 9], params))  # joins a batch of one: room made for 4 rows, not 6
+    assert [layer._k.shape[0] for layer in engine._cache.layers] == [4] * len(engine._cache.layers)
+    engine.start_many([Sequence(f"c{i}", [10 + i, 11], params) for i in range(3)])  # 5 rows: room for 6, the cap
+    assert all(layer._k.shape[0] == 6 for layer in engine._cache.layers)
