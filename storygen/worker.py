@@ -51,8 +51,10 @@ CPU_PREFILL_TOKENS = 128
 GPU_PREFILL_TOKENS = 8192
 # A prompt over that budget, alone or from a user with more waiting, is prefilled in pieces of this
 # many tokens (engine_loop.py, _admit): a newcomer behind a flood waited for two whole ~150-token
-# prefills, now for a piece and their own.
-CPU_PREFILL_PIECE = 64
+# prefills, now for a piece and their own. 32, not 64, since decoding got faster than prefill: the
+# newcomer's wait went from 1.49-1.94 to 1.43-1.56 slot turnovers, with the same throughput and a
+# lone prompt's time to first token the same within noise (benchmarks/README.md).
+CPU_PREFILL_PIECE = 32
 GPU_PREFILL_PIECE = 0  # prompts never exceed the GPU's budget
 
 
