@@ -150,6 +150,7 @@ class LeanDecoder(nn.Module):
         self.ops = ops  # our C kernels for the norms, rotary embedding and MLP activation (bf16 on a CPU)
         # A decode step's layers in one C call (kernels.DecodeLayers), where every layer's parts are our kernels'.
         self.stack = stack if stack is not None and kernel is not None and ops is not None else None
+        self._inter = config.intermediate_size
         self._table = self._stack_table() if self.stack is not None else None
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache,
@@ -240,10 +241,10 @@ class LeanDecoder(nn.Module):
             parts = [linear(m) for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
             norm_next, eps_next = self._next_norm(i)
             norms = (layer.norm_post, norm_next)
-            if None in parts or any(n.dtype != torch.bfloat16 or not n.is_contiguous() for n in norms):
+            if None in parts or any(n.dtype != torch.bfloat16 or not n.is_contiguous() for n in norms) or \
+                    parts[2].out_features != 2 * self._inter:
                 return None
             layers.append(StackLayer(layer.norm_post, self.layer_eps[i][1], norm_next, eps_next, *parts))
-        self._inter = layers[0].gate_up.out_features // 2 if count else 0
         self._stack_layers = layers  # the table points into their tensors
         return self.stack.table(layers) if count else None
 

@@ -285,7 +285,9 @@ class DecodeLayers:
         kv = (_I64 * (8 * len(caches)))(*[n for keys, values in caches
                                           for n in (keys.data_ptr(), values.data_ptr(), *keys.stride()[:3],
                                                     *values.stride()[:3])])
-        m = mask.view(torch.uint8) if mask is not None else None
+        if not (x.is_contiguous() and h.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()):
+            raise ValueError("DecodeLayers: x, h, cos and sin must be contiguous")
+        m = mask.contiguous().view(torch.uint8) if mask is not None else None  # the C side reads rows of T + 1
         self._fn(ctypes.addressof(table), len(table), x.data_ptr(), h.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                  m.data_ptr() if m is not None else None, m.stride(0) if m is not None else 0, ctypes.addressof(kv),
                  B, T, heads, kv_heads, D, hidden, inter, scale, torch.get_num_threads())
