@@ -132,6 +132,51 @@ static inline void load_row(int dtype, const void *base, int64_t offset, int64_t
     }
 }
 
+/* Step 1, any dtype or D: scores (G, T) of one key/value head and each query head's top score. Each
+ * key row is read and converted once, for every query head of its group. */
+static void scores_any(int dtype, const void *q, int64_t qo, int64_t qs2, const void *k, int64_t ko, int64_t ks2,
+                       const uint8_t *m, int64_t ms1, int64_t G, int64_t T, int64_t D, float scale, float *scores,
+                       float *top) {
+    float qf[MAX_G * MAX_D], row[MAX_D];
+    for (int64_t g = 0; g < G; ++g) {
+        load_row(dtype, q, qo + g * qs2, D, qf + g * D);
+        top[g] = MASKED;
+    }
+    for (int64_t t = 0; t < T; ++t) {
+        if (m && !m[t * ms1]) {
+            for (int64_t g = 0; g < G; ++g) scores[g * T + t] = MASKED;
+            continue;
+        }
+        load_row(dtype, k, ko + t * ks2, D, row);
+        for (int64_t g = 0; g < G; ++g) {
+            const float *qg = qf + g * D;
+            float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t d = 0; d < D; ++d) s += qg[d] * row[d];
+            s *= scale;
+            scores[g * T + t] = s;
+            if (s > top[g]) top[g] = s;
+        }
+    }
+}
+
+/* Step 3, any dtype or D: acc (G, D) = probabilities (G, T) times the value rows, each read once. */
+static void weigh_values_any(int dtype, const void *v, int64_t vo, int64_t vs2, const uint8_t *m, int64_t ms1,
+                             int64_t G, int64_t T, int64_t D, const float *p, float *acc) {
+    float row[MAX_D];
+    for (int64_t i = 0; i < G * D; ++i) acc[i] = 0.0f;
+    for (int64_t t = 0; t < T; ++t) {
+        if (m && !m[t * ms1]) continue;
+        load_row(dtype, v, vo + t * vs2, D, row);
+        for (int64_t g = 0; g < G; ++g) {
+            const float pg = p[g * T + t];
+            float *ag = acc + g * D;
+#pragma omp simd
+            for (int64_t d = 0; d < D; ++d) ag[d] += pg * row[d];
+        }
+    }
+}
+
 int storygen_decode_attention(int dtype, const void *q, const void *k, const void *v, const uint8_t *mask, void *out,
                               int64_t B, int64_t KV, int64_t G, int64_t T, int64_t D,
                               int64_t qs0, int64_t qs1, int64_t qs2, int64_t ks0, int64_t ks1, int64_t ks2,
@@ -142,7 +187,7 @@ int storygen_decode_attention(int dtype, const void *q, const void *k, const voi
 #pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1)
     {
         float *scores = (float *)malloc(sizeof(float) * (size_t)(G * T)); /* (G, T) */
-        float qf[MAX_G * MAX_D], acc[MAX_G * MAX_D], row[MAX_D];
+        float acc[MAX_G * MAX_D];
         if (scores == NULL) {
 #pragma omp atomic write
             failed = 1;
@@ -152,36 +197,16 @@ int storygen_decode_attention(int dtype, const void *q, const void *k, const voi
             if (scores == NULL) continue;
             const int64_t b = bh / KV, h = bh % KV;
             const uint8_t *m = mask ? mask + b * ms0 : NULL;
-            for (int64_t g = 0; g < G; ++g)
-                load_row(dtype, q, b * qs0 + h * qs1 + g * qs2, D, qf + g * D);
-            /* 1. Scores: each key row is read and converted once, for every query head of its group. */
+            /* 1. Scores. */
             float top[MAX_G];
 #ifdef FAST_BF16
-            const int fast = dtype == 1 && D % 32 == 0;
-            if (fast)
+            if (dtype == 1 && D % 32 == 0)
                 scores_bf16((const uint16_t *)q + b * qs0 + h * qs1, qs2, (const uint16_t *)k + b * ks0 + h * ks1, ks2,
                             m, ms1, G, T, D, scale, scores, top);
-            for (int64_t g = 0; g < G && !fast; ++g) top[g] = MASKED;
-            for (int64_t t = 0; t < T && !fast; ++t) {
-#else
-            for (int64_t g = 0; g < G; ++g) top[g] = MASKED;
-            for (int64_t t = 0; t < T; ++t) {
+            else
 #endif
-                if (m && !m[t * ms1]) {
-                    for (int64_t g = 0; g < G; ++g) scores[g * T + t] = MASKED;
-                    continue;
-                }
-                load_row(dtype, k, b * ks0 + h * ks1 + t * ks2, D, row);
-                for (int64_t g = 0; g < G; ++g) {
-                    const float *qg = qf + g * D;
-                    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-                    for (int64_t d = 0; d < D; ++d) s += qg[d] * row[d];
-                    s *= scale;
-                    scores[g * T + t] = s;
-                    if (s > top[g]) top[g] = s;
-                }
-            }
+                scores_any(dtype, q, b * qs0 + h * qs1, qs2, k, b * ks0 + h * ks1, ks2, m, ms1, G, T, D, scale, scores,
+                           top);
             /* 2. Softmax per query head; a fully masked row gives zeros, not NaN. */
             float total[MAX_G];
             for (int64_t g = 0; g < G; ++g) {
@@ -194,26 +219,14 @@ int storygen_decode_attention(int dtype, const void *q, const void *k, const voi
                 total[g] = sum > 0.0f ? 1.0f / sum : 0.0f;
             }
             /* 3. Weighted sum of value rows, each read once. */
-            int weighed = 0;
 #ifdef FAST_BF16
-            if (dtype == 1 && (D == 64 || D == 128)) {
-                const uint16_t *vb = (const uint16_t *)v + b * vs0 + h * vs1;
-                if (D == 64) weigh_values_bf16(4, vb, vs2, m, ms1, G, T, scores, acc);
-                else weigh_values_bf16(8, vb, vs2, m, ms1, G, T, scores, acc);
-                weighed = 1;
-            }
+            if (dtype == 1 && D == 64)
+                weigh_values_bf16(4, (const uint16_t *)v + b * vs0 + h * vs1, vs2, m, ms1, G, T, scores, acc);
+            else if (dtype == 1 && D == 128)
+                weigh_values_bf16(8, (const uint16_t *)v + b * vs0 + h * vs1, vs2, m, ms1, G, T, scores, acc);
+            else
 #endif
-            for (int64_t i = 0; i < G * D && !weighed; ++i) acc[i] = 0.0f;
-            for (int64_t t = 0; t < T && !weighed; ++t) {
-                if (m && !m[t * ms1]) continue;
-                load_row(dtype, v, b * vs0 + h * vs1 + t * vs2, D, row);
-                for (int64_t g = 0; g < G; ++g) {
-                    const float p = scores[g * T + t];
-                    float *ag = acc + g * D;
-#pragma omp simd
-                    for (int64_t d = 0; d < D; ++d) ag[d] += p * row[d];
-                }
-            }
+                weigh_values_any(dtype, v, b * vs0 + h * vs1, vs2, m, ms1, G, T, D, scores, acc);
             for (int64_t g = 0; g < G; ++g) {
                 const int64_t o = b * os0 + h * os1 + g * os2;
                 const float *ag = acc + g * D;
