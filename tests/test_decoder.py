@@ -33,6 +33,15 @@ def _stories(lm, params: SamplingParams, engine: Engine | None = None) -> list[l
     return [seq.generated for seq in seqs]
 
 
+def _left_padded(lm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Three prompts of different lengths, left-padded to one width: input ids, attention mask, position ids."""
+    rows = [[3, 4, 5, 6, 7, 8], [9, 10], [11, 12, 13, 14]]
+    width = max(map(len, rows))
+    ids = torch.tensor([[lm.pad_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
+
+
 @pytest.fixture(scope="module")
 def lms(tiny_dirs, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lean")
@@ -50,11 +59,7 @@ def test_it_serves_llama_models_and_only_where_asked(lms, tiny_lms):
 def test_one_step_gives_transformers_logits_for_left_padded_rows_at_different_positions(lms):
     lm = lms["auto"]
     model = lm.model
-    rows = [[3, 4, 5, 6, 7, 8], [9, 10], [11, 12, 13, 14]]
-    width = max(map(len, rows))
-    ids = torch.tensor([[lm.pad_id] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    ids, mask, positions = _left_padded(lm)
     with torch.inference_mode():
         ours, theirs = new_cache(model.config), new_cache(model.config)
         for cache in (ours, theirs):
@@ -194,11 +199,7 @@ def test_a_step_in_one_call_is_the_layer_loop_bit_for_bit(tiny_dirs, tmp_path, i
     calls, stack = [], lean.stack
     lean.stack = lambda *args: (calls.append(args[1].shape[0]), stack(*args))[1]
     model = lm.model
-    rows = [[3, 4, 5, 6, 7, 8], [9, 10], [11, 12, 13, 14]]
-    width = max(map(len, rows))
-    ids = torch.tensor([[lm.pad_id] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    ids, mask, positions = _left_padded(lm)
     with torch.inference_mode():
         caches = [new_cache(model.config), new_cache(model.config)]
         for cache in caches:
