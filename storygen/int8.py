@@ -32,7 +32,7 @@ import logging
 import torch
 from torch import nn
 
-from storygen.kernels import Int4Matmul, Int8Matmul
+from storygen.kernels import Int4Matmul, Int8Matmul, Kernels
 
 logger = logging.getLogger(__name__)
 
@@ -209,14 +209,16 @@ def can_use(device: torch.device, dtype: torch.dtype, mode: str = "auto") -> boo
 
 
 def add_int8_copies(model: nn.Module, int4: str = "false", int8: bool = True,
-                    native: Int4Matmul | None = None, native8: Int8Matmul | None = None) -> tuple[int, int]:
+                    kernels: Kernels | None = None) -> tuple[int, int]:
     """Wrap the plain nn.Linear layers of `model` in SmallBatchLinears: (int4 copies, int8 copies) made. Checks the
     first of each kind.
 
     int4: STORYGEN_INT4's mode ("auto": the layers already on a 4-bit grid; "true": every layer whose
-    widths fit the kernel; "false": none). The other layers get int8 copies if `int8`. native, native8: our
-    int4 and int8 kernels (storygen/kernels.py), which then serve those copies' calls instead of torch's, or None.
+    widths fit the kernel; "false": none). The other layers get int8 copies if `int8`. kernels: ours
+    (storygen/kernels.py), whose int4 and int8 matmuls then serve those copies' calls instead of torch's, or None.
     """
+    native = kernels.int4 if kernels is not None else None
+    native8 = kernels.int8 if kernels is not None else None
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                if type(child) is nn.Linear]
     made = {Int4Linear: [], DualLinear: []}

@@ -207,8 +207,7 @@ def load_model(config: StorygenConfig) -> LoadedModel:
     int4 = config.int4 if can_use_int4(device, dtype, config.int4) else "false"
     int8 = can_use_int8(device, dtype, config.int8)
     if int8 or int4 != "false":
-        fours, eights = add_int8_copies(model, int4, int8, native.int4 if native is not None else None,
-                                        native.int8 if native is not None else None)
+        fours, eights = add_int8_copies(model, int4, int8, native)
         int8_rows = NATIVE_INT8_ROWS if native is not None and native.int8 is not None else SMALL_ROWS
         logger.info("small-batch copies of the linear layers: %s int4 (up to %s rows), %s int8 (up to %s rows)",
                     fours, INT4_ROWS, eights, int8_rows)
