@@ -150,6 +150,7 @@ class StorygenConfig:
     genre_steer: float = 2.5  # nats added to the logits of a story's genre words (steer.py); 0: off
     max_batch: int = 0  # 0: pick for the device (see worker)
     prefix_cache_mb: int = 64  # KV of shared prompt prefixes kept for reuse (prefix_cache.py); 0: off
+    warm_prefixes: bool = True  # compute the genres' framings into the prefix cache while idle (worker.py)
     max_queue: int = 64
     max_per_user: int = 2
     deadline_s: float = 600.0
@@ -202,6 +203,7 @@ class StorygenConfig:
             genre_steer=env.float("STORYGEN_GENRE_STEER", 2.5, 0, 10),
             max_batch=env.int("STORYGEN_MAX_BATCH", 0, 0, 1024),
             prefix_cache_mb=env.int("STORYGEN_PREFIX_CACHE_MB", 64, 0, 1_000_000),
+            warm_prefixes=env.bool("STORYGEN_WARM_PREFIXES", True),
             max_queue=env.int("STORYGEN_MAX_QUEUE", 64, 1, 100_000),
             max_per_user=env.int("STORYGEN_MAX_PER_USER", 2, 1, 1000),
             deadline_s=env.float("STORYGEN_DEADLINE_S", 600.0, 1, 86_400),

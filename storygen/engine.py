@@ -338,7 +338,6 @@ class Engine:
             self._join([seqs[g] for g in going], cache, mask, tokens, seen)
         return outputs
 
-    @torch.inference_mode()
     def prefill_part(self, seq: Sequence, tokens: int) -> int:
         """Compute about `tokens` more of `seq`'s prompt, whole blocks after its cached prefix, into the
         prefix cache only; it does not join the batch. Returns how many tokens it computed (0: none to do).
@@ -346,17 +345,30 @@ class Engine:
         A long prompt in pieces (the worker's chunked prefill): whoever arrives meanwhile waits for
         a piece, not the whole prompt, and the prompt's own prefill later starts from the pieces.
         """
+        row = seq.prompt_ids + seq.generated
+        return self.cache_prefix(row, tokens, end=len(row) - 1)  # the last token is its prefill's, to sample from
+
+    @torch.inference_mode()
+    def cache_prefix(self, ids: list[int], tokens: int, end: int | None = None) -> int:
+        """Compute about `tokens` more of `ids`' whole blocks, up to `end` (default: all of them), after what
+        the prefix cache holds of it, into the prefix cache. Returns how many it computed (0: none to do).
+
+        For the pieces of a long prompt (prefill_part) and the genres' framings, which the worker
+        computes ahead while it is idle.
+        """
         if self.prefix_cache is None:
             return 0
-        row = seq.prompt_ids + seq.generated
+        end = len(ids) if end is None else end
+        # A lookup leaves a row's last token to compute (its logits are what a prefill is for); one token
+        # more on the end, never part of a whole block, lets it find every whole block of ids[:end].
+        probe = ids[:end] + [0]
         block = self.prefix_cache.block_tokens
-        known = self.prefix_cache.peek(row)
-        upto = min(known + tokens, len(row) - 1) // block * block
+        known = self.prefix_cache.peek(probe)
+        upto = min(known + tokens, end) // block * block
         if upto <= known:
             return 0
-        part = row[:upto]
-        # Looked up with one token more: a lookup leaves its last token to compute, and all of part may be cached.
-        cache, _, (cached,) = self._cached_prefixes([row[:upto + 1]], count=False)
+        part = ids[:upto]
+        cache, _, (cached,) = self._cached_prefixes([part + [0]], count=False)
         device = self.lm.device
         self._forward(torch.tensor([part[cached:]], device=device), torch.arange(cached, upto, device=device)[None, :],
                       cache)  # (1, S) each

@@ -31,16 +31,39 @@ class EngineLoop:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while self._state in SERVING and not len(self._queue) and not self.engine.rows:
+                while self._state in SERVING and not len(self._queue) and not self.engine.rows and not self._framings:
                     self._cond.wait()
                 if self._state not in SERVING:
                     return
                 self._expire_and_abort(time.monotonic())
                 admitted, piece = self._admit()
+                idle = not admitted and not len(self._queue) and not self.engine.rows
             if admitted:
                 self._start(admitted, piece)
             if self.engine.rows:
                 self._step()
+            elif idle and self._framings:
+                self._warm_framing()
+
+    def _warm_framing(self) -> None:
+        """Nothing waits or runs: a piece of the next genre's framing into the prefix cache (as big as a
+        long prompt's, so a request that comes meanwhile waits no longer than behind a flood). Framings
+        take at most half the prefix cache, so they never push out what stories put there."""
+        cache = self.engine.prefix_cache
+        if cache is None or cache.bytes > cache.max_bytes // 2:
+            self._framings.clear()
+            return
+        try:
+            done = self.engine.cache_prefix(self._framings[0], self.prefill_piece or len(self._framings[0]))
+        except Exception as error:  # stories fill the cache as they come, as they would without this
+            logger.warning("computing the genres' framings ahead failed (%r); stories will compute them", error)
+            self._framings.clear()
+            return
+        if not done:
+            self._framings.pop(0)
+            if not self._framings:
+                logger.info("the genres' framings are in the prefix cache: %d blocks, %.1f MB",
+                            len(cache), cache.bytes / 2**20)
 
     def _expire_and_abort(self, now: float) -> None:
         """Holding the lock: drop queued requests past their deadline, stop running ones that must stop."""

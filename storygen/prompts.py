@@ -205,19 +205,26 @@ def build_prompt(spec: FormatSpec, tokenizer: PreTrainedTokenizerBase, genre: Ge
 
     `length` is the story's budget in new tokens; the instruct format tells the model about it.
     """
+    # genre_tags, as in training: "<BOS> <genre> opening"; the space before the opening belongs to its first word.
+    space = " " if spec.format == "genre_tags" else ""
+    return framing_ids(spec, tokenizer, genre, length) + encode_user_text(tokenizer, space + opening)
+
+
+def framing_ids(spec: FormatSpec, tokenizer: PreTrainedTokenizerBase, genre: Genre, length: int = 200) -> list[int]:
+    """The ids every prompt of this genre and length starts with: the format's framing, before the opening.
+
+    The worker computes these ahead, into the prefix cache, while it is idle (worker.py).
+    """
     spec.check_genre(genre)
     if spec.format == "genre_tags":
-        # As in training: "<BOS> <genre> opening"; the space before the opening belongs to its first word.
-        head = f"{spec.bos_token} {spec.genre_token.format(genre=genre.name)}"
-        return encode_template_text(tokenizer, head) + encode_user_text(tokenizer, " " + opening)
+        return encode_template_text(tokenizer, f"{spec.bos_token} {spec.genre_token.format(genre=genre.name)}")
     if spec.format == "instruct":
         # The assistant turn is pre-filled with the opening, so the model carries on from it
         # rather than describing it.
         rendered = tokenizer.apply_chat_template(instruct_messages(genre, length), tokenize=False,
                                                  add_generation_prompt=True)
-        return encode_template_text(tokenizer, rendered) + encode_user_text(tokenizer, opening)
-    preamble = f"A {genre.label} story. {genre.description}\n\n"
-    return encode_template_text(tokenizer, preamble) + encode_user_text(tokenizer, opening)
+        return encode_template_text(tokenizer, rendered)
+    return encode_template_text(tokenizer, f"A {genre.label} story. {genre.description}\n\n")
 
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ue000-\uf8ff]")

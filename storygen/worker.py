@@ -33,6 +33,7 @@ from storygen.handle import StoryHandle
 from storygen.jobs import SERVING, Job
 from storygen.metrics import Metrics
 from storygen.model import LoadedModel
+from storygen.prompts import framing_ids
 from storygen.queue_front import QueueFront
 from storygen.stories import Story
 
@@ -75,6 +76,22 @@ class Worker(QueueFront, EngineLoop, FaultHandling):
         self._aborts: dict[str, StorygenError] = {}  # running request id -> why it must stop
         self._engine_loop: Future[None] | None = None
         self._last_step = 0.0
+        self._framings = self._framings_to_warm(lm, config)  # the engine loop's, from start() on
+
+    def _framings_to_warm(self, lm: LoadedModel, config: StorygenConfig) -> list[list[int]]:
+        """Each genre's framing at the default length (prompts.framing_ids), for the engine loop to compute
+        into the prefix cache while it is idle: after a restart, the first story of each genre then
+        prefills only its opening (for the default model ~10-40 tokens, not ~120)."""
+        cache = self.engine.prefix_cache
+        if not config.warm_prefixes or cache is None:
+            return []
+        ids = [framing_ids(lm.spec, lm.tokenizer, genre, config.defaults.length) for genre in lm.spec.allowed_genres()]
+        return [framing for framing in ids if len(framing) >= cache.block_tokens]
+
+    @property
+    def warming(self) -> bool:
+        """Whether some genre's framing is still to be computed ahead."""
+        return bool(self._framings)
 
     @property
     def capacity(self) -> int:

@@ -31,8 +31,10 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def tiny_config(directory: Path, fmt: str, tmp: Path, **changes: object) -> StorygenConfig:
     # fp32 unless a test asks otherwise: STORYGEN_DTYPE=auto means bf16 on some CPUs, and the
-    # suite should compute the same everywhere (tests/test_dtype.py covers bf16).
-    changes = {"dtype": "float32", **changes}
+    # suite should compute the same everywhere (tests/test_dtype.py covers bf16). No framings
+    # computed ahead while idle, so a test sees only its own requests' forward passes
+    # (tests/test_worker.py covers that).
+    changes = {"dtype": "float32", "warm_prefixes": False, **changes}
     return replace(StorygenConfig(), model=str(directory), model_format=fmt, device="cpu",
                    cache_dir=tmp / "cache", settings_db=tmp / "settings.sqlite3", **changes)
 

@@ -241,3 +241,14 @@ def test_step_bench_smoke_run():
     figures = dict(line.split(": ", 1) for line in lines[1:])
     assert all(float(figures[f"step_ms_{path}_{rows}"]) > 0 for path in ("one_call", "loop") for rows in (1, 4, 16))
     assert re.fullmatch(r"step_speedup_16: \d+\.\d\d", lines[-2]) and re.fullmatch(r"step_speedup_1: \d+\.\d\d", lines[-1])
+
+
+def test_first_story_bench_smoke_run():
+    result = subprocess.run([sys.executable, "benchmarks/first_story_bench.py", "--model", "tiny", "--rounds", "1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    figures = dict(line.split(": ", 1) for line in lines if ": " in line and not line.startswith(("model", "round")))
+    assert float(figures["warm_up_s"]) > 0  # the warm-up ran, and the cold arm had none
+    assert int(figures["first_ttft_p50_cold_ms"]) > 0 and int(figures["first_ttft_p50_warm_ms"]) > 0
+    assert re.fullmatch(r"first_ttft_ratio: \d+\.\d\d", lines[-1])

@@ -1,18 +1,24 @@
 """The prefix cache: longest cached prefix, blocks chained to their parents, a memory bound with LRU
 eviction, and stories identical with and without it."""
 
+import asyncio
+import logging
+import time
+
 import pytest
 import torch
 
 from storygen.config import Env, StorygenConfig
+from storygen.errors import ConfigError
 from storygen.engine import Engine, Sequence
 from storygen.genres import get_genre
 from storygen.prefix_cache import PrefixCache
-from storygen.prompts import build_prompt
+from storygen.prompts import build_prompt, framing_ids
 from storygen.sampling import SamplingParams
 from storygen.worker import Worker
 from storygen.stories import StoryRequest
 from tests.conftest import tiny_config
+from tests.model_hooks import ModelGate
 
 B = 4  # block size in the unit tests
 LAYERS, HEADS, DIM = 2, 1, 3
@@ -152,3 +158,126 @@ async def test_stories_through_the_worker_are_the_same_with_the_cache(tiny_lms, 
             return [(await h).text for h in handles]
 
     assert await write(4) == await write(0)
+
+
+# --- The genres' framings, computed ahead while the worker is idle ------------------------------
+
+def test_a_framing_is_what_every_prompt_of_its_genre_starts_with(tiny_lms):
+    for kind, lm in tiny_lms.items():
+        for genre in lm.spec.allowed_genres():
+            framing = framing_ids(lm.spec, lm.tokenizer, genre, 120)
+            prompt = build_prompt(lm.spec, lm.tokenizer, genre, "The moon <EOS> fell", 120)
+            assert framing and prompt[:len(framing)] == framing and len(prompt) > len(framing), (kind, genre.name)
+
+
+def test_cache_prefix_computes_whole_blocks_in_pieces_and_then_nothing(tiny_lms):
+    lm = tiny_lms["instruct"]
+    engine = Engine(lm, 1, prefix_cache_bytes=1 << 20)
+    block = engine.prefix_cache.block_tokens
+    ids = framing_ids(lm.spec, lm.tokenizer, get_genre("drama"))
+    for length in (len(ids) // block * block, len(ids)):  # a whole number of blocks, then not
+        engine.prefix_cache.clear()
+        done = [engine.cache_prefix(ids[:length], 2 * block) for _ in range(length // (2 * block) + 2)]
+        assert sum(done) == length // block * block and done[-1] == 0 and set(done[:-2]) == {2 * block}
+        assert engine.prefix_cache.peek(ids[:length] + [0]) == length // block * block
+        assert engine.prefix_cache.lookups == 0  # the metrics count prompts, not work done ahead
+    # The KV computed ahead is the KV a prompt computes itself: the story is the same.
+    prompt = build_prompt(lm.spec, lm.tokenizer, get_genre("drama"), OPENINGS[0])
+    cold = Engine(lm, 1)
+    for e in (engine, cold):
+        e.start_many([Sequence("s", prompt, PARAMS[0])])
+        while e.rows:
+            e.step()
+    assert engine.prefix_cache.hits >= len(ids) // block * block
+
+
+def _warm_config(lm, tmp_path, **changes):
+    return tiny_config(lm.name, "instruct", tmp_path, warm_prefixes=True, max_per_user=10, **changes)
+
+
+async def _until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+async def test_an_idle_worker_computes_each_genres_framing_and_stories_start_from_it(tiny_lms, tmp_path):
+    lm = tiny_lms["instruct"]
+    genres = lm.spec.allowed_genres()
+    framings = [framing_ids(lm.spec, lm.tokenizer, g, 10) for g in genres]  # at the default length, as the stories'
+    defaults = SamplingParams(length=10)
+    requests = [StoryRequest(f"r{i}", "api:u", g.name, OPENINGS[i % len(OPENINGS)], SamplingParams(length=10, seed=i))
+                for i, g in enumerate(genres[:4])]
+
+    async def write(config) -> tuple[list[str], Worker]:
+        async with Worker(lm, config) as worker:
+            await _until(lambda: not worker.warming)
+            return [(await h).text for h in [await worker.submit(r) for r in requests]], worker
+
+    cold, cold_worker = await write(tiny_config(lm.name, "instruct", tmp_path, max_per_user=10, defaults=defaults))
+    warm, worker = await write(_warm_config(lm, tmp_path, defaults=defaults))
+    assert warm == cold  # nothing changes but when the work is done
+    cache, block = worker.engine.prefix_cache, worker.engine.prefix_cache.block_tokens
+    assert all(cache.peek(f + [0]) == len(f) // block * block for f in framings)
+    # Each story's prompt found its whole framing's blocks, where the cold worker's first of each genre did not.
+    assert cache.hits >= sum(len(f) // block * block for f in framings[:4]) > cold_worker.engine.prefix_cache.hits
+
+
+async def test_a_request_waits_for_one_piece_of_a_framing_not_all_of_them(tiny_lms, tmp_path, caplog):
+    lm = tiny_lms["instruct"]
+    gate = ModelGate(lm.model, lm.decoder)
+    try:
+        caplog.set_level(logging.INFO, logger="storygen")
+        gate.open.clear()  # hold the engine in its first piece of a framing
+        worker = Worker(lm, _warm_config(lm, tmp_path))
+        worker.prefill_piece = 8
+        async with worker:
+            await _until(gate.entered.is_set)
+            pieces_before = len(worker._framings)
+            request = StoryRequest("r", "api:u", "drama", OPENINGS[0], SamplingParams(length=5, seed=1))
+            handle = await worker.submit(request)
+            gate.open.set()
+            await handle
+            assert gate.groups[0] == [8] and len(gate.groups[1]) == 1  # one piece, then the request's prefill
+            assert pieces_before >= 2
+            await _until(lambda: not worker.warming)  # and after it, the rest of the framings
+        assert "framings are in the prefix cache" in caplog.text
+    finally:
+        gate.close()
+
+
+async def test_framings_take_at_most_half_the_cache_and_a_failure_leaves_them_to_stories(tiny_lms, tmp_path, caplog):
+    lm = tiny_lms["instruct"]
+    worker = Worker(lm, _warm_config(lm, tmp_path))
+    framings = list(worker._framings)
+    cache = worker.engine.prefix_cache
+    kv = lm.model.config
+    block_bytes = (kv.num_hidden_layers * 2 * kv.num_key_value_heads * cache.block_tokens
+                   * (kv.hidden_size // kv.num_attention_heads) * 4)
+    cache.max_bytes = 2 * (len(framings[0]) + 2 * cache.block_tokens) // cache.block_tokens * block_bytes
+    async with worker:
+        await _until(lambda: not worker.warming)
+    assert cache.peek(framings[0] + [0]) > 0 and cache.peek(framings[-1] + [0]) < len(framings[-1]) - cache.block_tokens
+    assert cache.bytes <= cache.max_bytes // 2 + worker.prefill_piece // cache.block_tokens * block_bytes  # a piece over
+
+    gate = ModelGate(lm.model, lm.decoder)
+    gate.fail_when = lambda ids: RuntimeError("boom")
+    try:
+        worker = Worker(lm, _warm_config(lm, tmp_path))
+        async with worker:
+            await _until(lambda: not worker.warming)
+            gate.fail_when = None
+            story = await (await worker.submit(StoryRequest("r", "api:u", "drama", OPENINGS[0],
+                                                            SamplingParams(length=5, seed=1))))
+        assert story.text.startswith(OPENINGS[0]) and len(worker.engine.prefix_cache) > 0  # the story's own blocks
+        assert "computing the genres' framings ahead failed (RuntimeError('boom'))" in caplog.text
+    finally:
+        gate.close()
+
+
+def test_the_warm_up_setting():
+    assert StorygenConfig.from_env(Env({}, env_file=None)).warm_prefixes is True
+    assert StorygenConfig.from_env(Env({"STORYGEN_WARM_PREFIXES": "false"}, env_file=None)).warm_prefixes is False
+    with pytest.raises(ConfigError, match="STORYGEN_WARM_PREFIXES='later' is not a boolean; use true or false"):
+        StorygenConfig.from_env(Env({"STORYGEN_WARM_PREFIXES": "later"}, env_file=None))
