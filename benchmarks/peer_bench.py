@@ -276,6 +276,7 @@ def main(argv: list[str] | None = None) -> None:
         lm, config = load(args.model, Path(tmp))
         config = replace(config, max_queue=max(config.max_queue, max(ns) + 1))
         params = replace(config.defaults, length=args.tokens)
+        config = replace(config, defaults=params)  # the length the worker computes the genres' framings at
         sizes = [1] + [n for n in ns for _ in range(args.rounds)]  # a warm-up request first
         pairs = iter(openings(sum(sizes)))
         items, serial = [], 0
@@ -316,6 +317,8 @@ async def _bench(lm: LoadedModel, config: StorygenConfig, items: list[list[Item]
               f"({model}), prompts as {args.peer_prompt}", flush=True)
         print(f"# N={','.join(map(str, ns))}, {args.tokens} tokens, rounds a side at each N: {args.rounds}", flush=True)
         bodies = [[peer_body(i, model, args.peer_prompt, args.peer_no_cache) for i in b] for b in items]
+        while worker.warming:  # the genres' framings, computed while the worker is idle: not in the peer's rounds
+            await asyncio.sleep(0.01)
         await run_ours(worker, items[0])  # warm-up, one request each, not counted
         await run_peer(session, url, items[0], bodies[0])
         results: dict[int, list[tuple[Round, Round]]] = {n: [] for n in ns}

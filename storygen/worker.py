@@ -47,8 +47,11 @@ GPU_MAX_BATCH = 64
 # Prompts admitted in the same turn share one forward pass, which is cheaper than one each, but
 # running stories wait for it and so does a newcomer who arrives meanwhile: on a 2-core CPU a
 # group of four ~60-token prompts took ~0.17 s, and a newcomer behind a flood then waited up to
-# 2.6 slot turnovers for its first token; about 128 tokens keeps that near one.
-CPU_PREFILL_TOKENS = 128
+# 2.6 slot turnovers for its first token; about 128 tokens kept that near one. 64 since the genres'
+# framings are computed ahead (STORYGEN_WARM_PREFIXES): prompts are then mostly short openings, 128
+# tokens took three or four of them in one pass, and a newcomer behind a flood waited 1.97-2.60 slot
+# turnovers; with 64, 1.21-1.39, for 1-4 % less throughput in a burst of 16 (benchmarks/README.md).
+CPU_PREFILL_TOKENS = 64
 GPU_PREFILL_TOKENS = 8192
 # A prompt over that budget, alone or from a user with more waiting, is prefilled in pieces of this
 # many tokens (engine_loop.py, _admit): a newcomer behind a flood waited for two whole ~150-token

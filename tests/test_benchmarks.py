@@ -31,6 +31,7 @@ def test_worker_bench_smoke_run():
     assert re.fullmatch(r"throughput_ratio: \d+\.\d\d", lines[-1])
     assert any(line.startswith("round 1:") for line in lines)
     assert any(line.startswith("fairness:") for line in lines)
+    assert any(line.startswith("fairness_warm:") for line in lines)
 
 
 @pytest.mark.skipif(not DEV_PLOTS.is_file(), reason="needs ../shared/data/genre_plots_dev.txt")
