@@ -79,6 +79,7 @@ class Worker(QueueFront, EngineLoop, FaultHandling):
         self._aborts: dict[str, StorygenError] = {}  # running request id -> why it must stop
         self._engine_loop: Future[None] | None = None
         self._last_step = 0.0
+        self._last_work = 0.0  # when the engine loop last admitted or stepped (or started): the framings wait for quiet
         self._framings = self._framings_to_warm(lm, config)  # the engine loop's, from start() on
 
     def _framings_to_warm(self, lm: LoadedModel, config: StorygenConfig) -> list[list[int]]:
@@ -112,7 +113,7 @@ class Worker(QueueFront, EngineLoop, FaultHandling):
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._state = "running"
-        self._last_step = time.monotonic()
+        self._last_step = self._last_work = time.monotonic()
         try:
             self._engine_loop = model_thread.start_loop(f"the engine loop of worker {id(self):#x}", self._run)
         except RuntimeError:

@@ -15,8 +15,9 @@ from storygen.genres import get_genre
 from storygen.prefix_cache import PrefixCache
 from storygen.prompts import build_prompt, framing_ids
 from storygen.sampling import SamplingParams
+from storygen import engine_loop
 from storygen.worker import Worker
-from storygen.stories import StoryRequest
+from storygen.stories import StoryRequest, prepare
 from tests.conftest import tiny_config
 from tests.model_hooks import ModelGate
 
@@ -245,6 +246,27 @@ async def test_a_request_waits_for_one_piece_of_a_framing_not_all_of_them(tiny_l
         assert "framings are in the prefix cache" in caplog.text
     finally:
         gate.close()
+
+
+async def test_the_framings_wait_for_a_quiet_spell_so_a_burst_at_start_goes_first(tiny_lms, tmp_path, monkeypatch):
+    lm = tiny_lms["instruct"]
+    monkeypatch.setattr(engine_loop, "WARM_AFTER_QUIET_S", 1.0)
+    first = lm.spec.allowed_genres()[0]
+    assert first.name != "drama"
+    async with Worker(lm, _warm_config(lm, tmp_path)) as worker:
+        framing = framing_ids(lm.spec, lm.tokenizer, first, worker.config.defaults.length)
+        cache, block = worker.engine.prefix_cache, worker.engine.prefix_cache.block_tokens
+        requests = [StoryRequest(f"r{i}", f"api:u{i}", "drama", OPENINGS[i], SamplingParams(length=4, seed=i))
+                    for i in range(2)]
+        await asyncio.sleep(0.3)  # a burst soon after the start: with no wait, the framings would be done by now
+        await asyncio.gather(*[await worker.submit(r) for r in requests])
+        during = cache.peek(framing + [0])
+        await _until(lambda: not worker.warming)
+        after = cache.peek(framing + [0])
+    prompt = prepare(requests[0], lm, worker.config).prompt_ids
+    shared = next(i for i, (a, b) in enumerate(zip(framing, prompt)) if a != b)  # the chat template's start
+    assert during <= shared // block * block  # only what the drama stories computed: no framing went first
+    assert after == len(framing) // block * block  # and in the quiet after them, it was computed
 
 
 async def test_framings_take_at_most_half_the_cache_and_a_failure_leaves_them_to_stories(tiny_lms, tmp_path, caplog):
