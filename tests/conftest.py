@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +19,14 @@ from tests.tiny import save_tiny_model  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DEV_PLOTS = SHARED_DATA / "genre_plots_dev.txt"
+
+
+async def until(predicate, timeout: float = 10.0) -> None:
+    """Wait, polling, until predicate() is true; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
 
 
 @pytest.fixture(scope="session")

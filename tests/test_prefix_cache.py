@@ -3,7 +3,6 @@ eviction, and stories identical with and without it."""
 
 import asyncio
 import logging
-import time
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from storygen.sampling import SamplingParams
 from storygen import engine_loop
 from storygen.worker import Worker
 from storygen.stories import StoryRequest, prepare
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, until
 from tests.model_hooks import ModelGate
 
 B = 4  # block size in the unit tests
@@ -196,13 +195,6 @@ def _warm_config(lm, tmp_path, **changes):
     return tiny_config(lm.name, "instruct", tmp_path, warm_prefixes=True, max_per_user=10, **changes)
 
 
-async def _until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
-
-
 async def test_an_idle_worker_computes_each_genres_framing_and_stories_start_from_it(tiny_lms, tmp_path):
     lm = tiny_lms["instruct"]
     genres = lm.spec.allowed_genres()
@@ -213,7 +205,7 @@ async def test_an_idle_worker_computes_each_genres_framing_and_stories_start_fro
 
     async def write(config) -> tuple[list[str], Worker]:
         async with Worker(lm, config) as worker:
-            await _until(lambda: not worker.warming)
+            await until(lambda: not worker.warming)
             return [(await h).text for h in [await worker.submit(r) for r in requests]], worker
 
     cold, cold_worker = await write(tiny_config(lm.name, "instruct", tmp_path, max_per_user=10, defaults=defaults))
@@ -234,7 +226,7 @@ async def test_a_request_waits_for_one_piece_of_a_framing_not_all_of_them(tiny_l
         worker = Worker(lm, _warm_config(lm, tmp_path))
         worker.prefill_piece = 8
         async with worker:
-            await _until(gate.entered.is_set)
+            await until(gate.entered.is_set)
             pieces_before = len(worker._framings)
             request = StoryRequest("r", "api:u", "drama", OPENINGS[0], SamplingParams(length=5, seed=1))
             handle = await worker.submit(request)
@@ -242,7 +234,7 @@ async def test_a_request_waits_for_one_piece_of_a_framing_not_all_of_them(tiny_l
             await handle
             assert gate.groups[0] == [8] and len(gate.groups[1]) == 1  # one piece, then the request's prefill
             assert pieces_before >= 2
-            await _until(lambda: not worker.warming)  # and after it, the rest of the framings
+            await until(lambda: not worker.warming)  # and after it, the rest of the framings
         assert "framings are in the prefix cache" in caplog.text
     finally:
         gate.close()
@@ -261,7 +253,7 @@ async def test_the_framings_wait_for_a_quiet_spell_so_a_burst_at_start_goes_firs
         await asyncio.sleep(0.3)  # a burst soon after the start: with no wait, the framings would be done by now
         await asyncio.gather(*[await worker.submit(r) for r in requests])
         during = cache.peek(framing + [0])
-        await _until(lambda: not worker.warming)
+        await until(lambda: not worker.warming)
         after = cache.peek(framing + [0])
     prompt = prepare(requests[0], lm, worker.config).prompt_ids
     shared = next(i for i, (a, b) in enumerate(zip(framing, prompt)) if a != b)  # the chat template's start
@@ -279,7 +271,7 @@ async def test_framings_take_at_most_half_the_cache_and_a_failure_leaves_them_to
                    * (kv.hidden_size // kv.num_attention_heads) * 4)
     cache.max_bytes = 2 * (len(framings[0]) + 2 * cache.block_tokens) // cache.block_tokens * block_bytes
     async with worker:
-        await _until(lambda: not worker.warming)
+        await until(lambda: not worker.warming)
     assert cache.peek(framings[0] + [0]) > 0 and cache.peek(framings[-1] + [0]) < len(framings[-1]) - cache.block_tokens
     assert cache.bytes <= cache.max_bytes // 2 + worker.prefill_piece // cache.block_tokens * block_bytes  # a piece over
 
@@ -288,7 +280,7 @@ async def test_framings_take_at_most_half_the_cache_and_a_failure_leaves_them_to
     try:
         worker = Worker(lm, _warm_config(lm, tmp_path))
         async with worker:
-            await _until(lambda: not worker.warming)
+            await until(lambda: not worker.warming)
             gate.fail_when = None
             story = await (await worker.submit(StoryRequest("r", "api:u", "drama", OPENINGS[0],
                                                             SamplingParams(length=5, seed=1))))

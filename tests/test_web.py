@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from storygen.config import Secret
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, until
 from tests.model_hooks import ModelGate, endless, gate  # noqa: F401  (fixtures)
 from tests.web_helpers import read_sse, web_front_end
 
@@ -143,19 +143,11 @@ async def test_each_client_gets_the_per_user_cap(lm, tmp_path, http, endless):  
     config = tiny_config(lm.name, "instruct", tmp_path, max_per_user=1)
     async with web_front_end(lm, tmp_path, storygen=config) as web:
         first = asyncio.create_task(_post(http, web, "/v1/stories", {"prompt": "One", "length": 200}))
-        await _until(lambda: web.web.service.worker.health()["running"] + web.web.service.worker.queue_depth() == 1)
+        await until(lambda: web.web.service.worker.health()["running"] + web.web.service.worker.queue_depth() == 1)
         status, answer, headers = await _post(http, web, "/v1/stories", {"prompt": "Two", "length": 4})
         assert status == 429 and "you already have 1 story in progress" in answer["error"]["message"]
         assert int(headers["Retry-After"]) >= 1
         first.cancel()
-
-
-async def _until(predicate, timeout=10.0):
-    for _ in range(int(timeout / 0.02)):
-        if predicate():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not met in time")
 
 
 async def test_a_client_that_goes_away_mid_stream_cancels_its_story(lm, tmp_path, http, endless):  # noqa: F811
@@ -166,7 +158,7 @@ async def test_a_client_that_goes_away_mid_stream_cancels_its_story(lm, tmp_path
             if b'"chunk"' in line:
                 break
         response.close()  # the client hangs up
-        await _until(lambda: worker.metrics.snapshot()["requests"].get("cancelled") == 1)
+        await until(lambda: worker.metrics.snapshot()["requests"].get("cancelled") == 1)
         assert worker.health()["running"] == 0
 
 
@@ -175,9 +167,9 @@ async def test_a_client_that_goes_away_while_waiting_for_json_cancels_its_story(
         worker = web.web.service.worker
         async with aiohttp.ClientSession() as session:
             task = asyncio.create_task(session.post(web.url + "/v1/stories", json={"prompt": "Long", "length": 400}))
-            await _until(lambda: worker.health()["running"] == 1)
+            await until(lambda: worker.health()["running"] == 1)
             task.cancel()
-        await _until(lambda: worker.metrics.snapshot()["requests"].get("cancelled") == 1)
+        await until(lambda: worker.metrics.snapshot()["requests"].get("cancelled") == 1)
 
 
 async def test_genres_health_and_docs(http, web):
@@ -387,7 +379,7 @@ async def test_streams_and_waiting_requests_still_open_at_shutdown_are_told_so_a
         gate.open.clear()  # the model is stuck: the stories cannot even leave the batch
         stream = await http.post(web.url + "/v1/stories", json={"prompt": "A", "length": 50, "stream": True})
         waiting = asyncio.create_task(_post(http, web, "/v1/stories", {"prompt": "B", "length": 50}))
-        await _until(lambda: len(web.web.live.handles) == 2)
+        await until(lambda: len(web.web.live.handles) == 2)
         assert web.web.live.stop_all() == 2
         events = await asyncio.wait_for(read_sse(stream), 5)
         status, answer, _ = await asyncio.wait_for(waiting, 5)

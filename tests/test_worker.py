@@ -13,7 +13,7 @@ from storygen.errors import (DeadlineExceededError, GenerationFailedError, Queue
 from storygen.sampling import SamplingParams
 from storygen.stories import StoryRequest, generate_story, prepare
 from storygen.worker import Worker
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, until
 from tests.model_hooks import endless, gate  # noqa: F401  (fixtures)
 
 GREEDY = SamplingParams(length=20, greedy=True, repetition_penalty=1.0)
@@ -30,13 +30,6 @@ def _config(lm, tmp_path, **changes):
 
 def _request(i, user="api:u", prompt=None, params=GREEDY, **kw):
     return StoryRequest(f"r{i}", user, "drama", prompt or f"Once upon a time number {i}", params, **kw)
-
-
-async def _until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 async def test_streams_then_resolves(lm, tmp_path):
@@ -66,7 +59,7 @@ async def test_queued_prompts_are_prefilled_together_within_the_token_budget(lm,
     async with Worker(lm, _config(lm, tmp_path, max_per_user=10, prefix_cache_mb=0)) as worker:
         gate.open.clear()  # the first request holds the engine in its prefill while the rest queue
         handles = [await worker.submit(_request(0))]
-        await _until(gate.entered.is_set)
+        await until(gate.entered.is_set)
         for i in range(1, 7):
             handles.append(await worker.submit(_request(i, prompt="Once " + "upon a time " * i)))
         lengths = [len(worker._jobs[h.request_id].seq.prompt_ids) for h in handles[1:]]
@@ -84,7 +77,7 @@ async def test_fair_order_newcomer_waits_one_slot(lm, tmp_path, gate):
     async with Worker(lm, config) as worker:
         gate.open.clear()  # hold the engine while the queue fills
         flood = [await worker.submit(_request(i, "api:x", params=replace(GREEDY, length=3))) for i in range(6)]
-        await _until(lambda: len(gate.seen) == 1)  # x's first story is in the model
+        await until(lambda: len(gate.seen) == 1)  # x's first story is in the model
         newcomer = await worker.submit(_request(99, "api:y", params=replace(GREEDY, length=3)))
         assert newcomer.position == 0 and newcomer.eta_s > 0
         assert [h.position for h in flood[1:]] == [1, 2, 3, 4, 5]
@@ -106,7 +99,7 @@ async def test_a_flooders_long_prompt_goes_in_pieces_and_a_newcomer_waits_for_on
         worker.prefill_tokens, worker.prefill_piece = 16, 8  # the tiny model's prompts are ~50 tokens
         gate.open.clear()  # hold the engine in x's first forward while y arrives
         handles = [await worker.submit(r) for r in flood]
-        await _until(gate.entered.is_set)
+        await until(gate.entered.is_set)
         handles.append(await worker.submit(newcomer))
         gate.open.set()
         stories = await asyncio.gather(*handles)
@@ -134,7 +127,7 @@ async def test_global_queue_cap_answers_at_once(lm, tmp_path, gate):
     async with Worker(lm, _config(lm, tmp_path, max_batch=1, max_queue=2)) as worker:
         gate.open.clear()
         await worker.submit(_request(0, user="api:a"))
-        await _until(lambda: len(gate.seen) == 1)  # running, so not in the queue
+        await until(lambda: len(gate.seen) == 1)  # running, so not in the queue
         await worker.submit(_request(1, user="api:b"))
         await worker.submit(_request(2, user="api:c"))
         started = time.monotonic()
@@ -149,7 +142,7 @@ async def test_cancelled_while_queued_never_reaches_the_model(lm, tmp_path, gate
     async with Worker(lm, _config(lm, tmp_path, max_batch=1)) as worker:
         gate.open.clear()
         running = await worker.submit(_request(1, user="api:a"))
-        await _until(lambda: len(gate.seen) == 1)
+        await until(lambda: len(gate.seen) == 1)
         queued = await worker.submit(_request(2, user="api:b", prompt="A cancelled story about pelicans"))
         assert queued.cancel()
         with pytest.raises(RequestCancelledError):
@@ -164,7 +157,7 @@ async def test_cancelled_while_running_frees_the_slot(lm, tmp_path, endless):
     async with Worker(lm, _config(lm, tmp_path, max_batch=1)) as worker:
         long = await worker.submit(_request(1, params=SamplingParams(length=250, temperature=1.0, top_k=0,
                                                                      repetition_penalty=1.0)))
-        await _until(lambda: long.state == "running")
+        await until(lambda: long.state == "running")
         waiting = await worker.submit(_request(2, user="api:b"))
         long.cancel()
         with pytest.raises(RequestCancelledError, match="cancelled"):
@@ -177,7 +170,7 @@ async def test_deadline_while_queued_and_while_running(lm, tmp_path, gate, endle
     async with Worker(lm, _config(lm, tmp_path, max_batch=1)) as worker:
         gate.open.clear()
         first = await worker.submit(_request(1, user="api:a"))
-        await _until(lambda: len(gate.seen) == 1)
+        await until(lambda: len(gate.seen) == 1)
         late = await worker.submit(_request(2, user="api:b", prompt="An expired story about walruses",
                                             deadline=time.monotonic() + 0.05))
         await asyncio.sleep(0.1)
@@ -260,7 +253,7 @@ async def test_stop_fails_what_is_left_and_refuses_new(lm, tmp_path, gate):
     await worker.start()
     gate.open.clear()
     handles = [await worker.submit(_request(i, user=f"api:{i}")) for i in range(3)]
-    await _until(lambda: len(gate.seen) == 1)
+    await until(lambda: len(gate.seen) == 1)
     gate.open.set()
     await worker.stop()
     results = await asyncio.gather(*handles, return_exceptions=True)
@@ -291,9 +284,9 @@ async def test_drain_refuses_newcomers_and_lets_stories_in_hand_finish(lm, tmp_p
         gate.open.clear()
         running = await worker.submit(_request(1))
         queued = await worker.submit(_request(2))
-        await _until(gate.entered.is_set)
+        await until(gate.entered.is_set)
         draining = asyncio.create_task(worker.drain(30))
-        await _until(lambda: worker.health()["state"] == "draining")
+        await until(lambda: worker.health()["state"] == "draining")
         with pytest.raises(WorkerUnavailableError, match="shutting down; try again shortly"):
             await worker.submit(_request(3))
         gate.open.set()
@@ -305,7 +298,7 @@ async def test_drain_gives_up_after_its_grace_and_stop_fails_the_rest(lm, tmp_pa
     async with Worker(lm, _config(lm, tmp_path)) as worker:
         gate.open.clear()
         stuck = await worker.submit(_request(1))
-        await _until(gate.entered.is_set)
+        await until(gate.entered.is_set)
         assert await worker.drain(0.2) is False
         asyncio.get_running_loop().call_later(0.2, gate.open.set)  # after stop() has begun
     with pytest.raises(WorkerUnavailableError, match="shutting down"):
@@ -318,7 +311,7 @@ async def test_a_crashed_engine_loop_fails_what_waits_and_refuses_new_requests(l
         gate.open.clear()
         running = await worker.submit(_request(1))
         queued = await worker.submit(_request(2))
-        await _until(gate.entered.is_set)
+        await until(gate.entered.is_set)
 
         def broken(*args):
             raise KeyError("a bookkeeping bug")
