@@ -6,6 +6,9 @@
     storygen_stories_total{frontend,outcome} counter: done, cancelled, failed, expired, refused
     storygen_ttft_seconds{frontend}          histogram: submit to first token
     storygen_latency_seconds{frontend}       histogram: submit to the finished story
+    storygen_prefix_cache_queried_tokens_total  counter: prompt tokens looked up in the prefix cache
+    storygen_prefix_cache_hit_tokens_total   counter: those found there, not computed again
+    storygen_prefix_cache_bytes              gauge: keys and values it holds (STORYGEN_PREFIX_CACHE_MB)
 
 With remote generation servers (STORYGEN_BACKEND=openai), per server (`backend` is its base URL):
 
@@ -29,7 +32,10 @@ import threading
 import time
 from collections import deque
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 OUTCOMES = ("done", "cancelled", "failed", "expired", "refused")
@@ -55,6 +61,25 @@ class _Recent:
             return None
         ordered = sorted(self._values)
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class _PrefixCacheCollector:
+    """The prefix cache's own counters, read when Prometheus scrapes (the engine keeps them; prefix_cache.py)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.source: Callable[[], object | None] = lambda: None  # -> the engine's PrefixCache, or None
+
+    def collect(self) -> Iterator[Metric]:
+        cache = self.source()
+        if cache is None:
+            return
+        yield CounterMetricFamily(f"{self.prefix}_prefix_cache_queried_tokens",
+                                  "Prompt tokens looked up in the prefix cache", value=cache.lookups)
+        yield CounterMetricFamily(f"{self.prefix}_prefix_cache_hit_tokens",
+                                  "Prompt tokens found in the prefix cache, not computed again", value=cache.hits)
+        yield GaugeMetricFamily(f"{self.prefix}_prefix_cache_bytes", "Bytes of keys and values in the prefix cache",
+                                value=cache.bytes)
 
 
 class Metrics:
@@ -83,6 +108,8 @@ class Metrics:
                                        "first text", ("backend",), buckets=LATENCY_BUCKETS_S, registry=self.registry)
         self._resumed = Counter(f"{prefix}_resumed", "Stories moved to another server mid-way",
                                 registry=self.registry)
+        self._prefix_cache = _PrefixCacheCollector(prefix)
+        self.registry.register(self._prefix_cache)
         self._lock = threading.Lock()
         self._recent_ttft = _Recent()
         self._recent_latency = _Recent()
@@ -150,6 +177,10 @@ class Metrics:
 
     def resumed(self) -> None:
         self._resumed.inc()
+
+    def watch_prefix_cache(self, source: Callable[[], object | None]) -> None:
+        """Report the prefix cache `source()` returns (None: none, nothing reported) at each scrape."""
+        self._prefix_cache.source = source
 
     # --- reading ----------------------------------------------------------------------------------
 

@@ -73,6 +73,7 @@ class Worker(QueueFront, EngineLoop, FaultHandling):
         self.prefill_piece = GPU_PREFILL_PIECE if on_gpu else CPU_PREFILL_PIECE
         self.engine = Engine(lm, config.max_batch or default_batch, prefix_cache_bytes=config.prefix_cache_mb * 2**20,
                              genre_steer=config.genre_steer)
+        self.metrics.watch_prefix_cache(lambda: self.engine.prefix_cache)
         self.full_batch = self.engine.max_batch  # the cap an OOM lowers the engine's from, for a while
         self.cap_recovery_steps = CAP_RECOVERY_STEPS
         self._clean_steps = 0  # decode steps since the last OOM, while the cap is lowered

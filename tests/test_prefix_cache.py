@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from storygen.config import Env, StorygenConfig
 from storygen.errors import ConfigError
@@ -295,3 +296,24 @@ def test_the_warm_up_setting():
     assert StorygenConfig.from_env(Env({"STORYGEN_WARM_PREFIXES": "false"}, env_file=None)).warm_prefixes is False
     with pytest.raises(ConfigError, match="STORYGEN_WARM_PREFIXES='later' is not a boolean; use true or false"):
         StorygenConfig.from_env(Env({"STORYGEN_WARM_PREFIXES": "later"}, env_file=None))
+
+
+async def test_the_prefix_cache_is_reported_to_prometheus(tiny_lms, tmp_path):
+    lm = tiny_lms["instruct"]
+    requests = [StoryRequest(f"r{i}", "api:u", "drama", o, SamplingParams(length=4, seed=i))
+                for i, o in enumerate(OPENINGS[:3])]
+
+    async def scrape(prefix_cache_mb: int) -> tuple[dict[str, float], Worker]:
+        async with Worker(lm, tiny_config(lm.name, "instruct", tmp_path, prefix_cache_mb=prefix_cache_mb)) as worker:
+            for request in requests:  # one at a time: each later prompt finds the framing the first computed
+                await (await worker.submit(request))
+            text = worker.metrics.to_prometheus()
+        return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name.startswith("storygen_prefix_cache")}, worker
+
+    figures, worker = await scrape(4)
+    prompts = [prepare(r, lm, worker.config).prompt_ids for r in requests]
+    assert figures["storygen_prefix_cache_queried_tokens_total"] == sum(map(len, prompts))
+    assert 0 < figures["storygen_prefix_cache_hit_tokens_total"] == worker.engine.prefix_cache.hits
+    assert figures["storygen_prefix_cache_bytes"] == worker.engine.prefix_cache.bytes > 0
+    assert (await scrape(0))[0] == {}  # no cache, no figures
