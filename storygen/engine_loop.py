@@ -55,9 +55,9 @@ class EngineLoop:
                 self._warm_framing()
 
     def _warm_framing(self) -> None:
-        """Nothing has waited or run for a while: a piece of the next genre's framing into the prefix cache (as big as a
-        long prompt's, so a request that comes meanwhile waits no longer than behind a flood). Framings
-        take at most half the prefix cache, so they never push out what stories put there."""
+        """Nothing has waited or run for a while: a piece of the next genre's framing into the prefix cache
+        (as big as a long prompt's, so a request that comes meanwhile waits no longer than behind a flood).
+        Framings take at most half the prefix cache, so they never push out what stories put there."""
         cache = self.engine.prefix_cache
         if cache is None or cache.bytes > cache.max_bytes // 2:
             self._framings.clear()

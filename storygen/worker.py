@@ -50,7 +50,8 @@ GPU_MAX_BATCH = 64
 # 2.6 slot turnovers for its first token; about 128 tokens kept that near one. 64 since the genres'
 # framings are computed ahead (STORYGEN_WARM_PREFIXES): prompts are then mostly short openings, 128
 # tokens took three or four of them in one pass, and a newcomer behind a flood waited 1.97-2.60 slot
-# turnovers; with 64, 1.21-1.39, for 1-4 % less throughput in a burst of 16 (benchmarks/README.md).
+# turnovers; with 64, 1.15-1.39 (1.39-1.48 just after a start), for 1-4 % less throughput in a burst
+# of 16 (benchmarks/README.md).
 CPU_PREFILL_TOKENS = 64
 GPU_PREFILL_TOKENS = 8192
 # A prompt over that budget, alone or from a user with more waiting, is prefilled in pieces of this
