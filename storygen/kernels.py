@@ -119,7 +119,7 @@ class DecodeAttention:
 
 
 class Int4Matmul:
-    """`x @ w.T` for a weight on a 4-bit grid (w = q * scale + low in groups of 32 inputs), 1 to 16 rows."""
+    """`x @ w.T` for a weight on a 4-bit grid (w = q * scale + low in groups of 32 inputs), in blocks of 16 rows."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self._fn = _bind(library, "storygen_int4_matmul", _INT4_ARGS)
@@ -143,7 +143,7 @@ class Int4Matmul:
 
     def __call__(self, x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor], out_features: int,
                  ) -> torch.Tensor:
-        """x (M, K) bf16, contiguous, M in 1..16; packed from `pack`. Returns (M, N) bf16."""
+        """x (M, K) bf16, contiguous, M >= 1; packed from `pack`. Returns (M, N) bf16."""
         M, K = x.shape
         y = x.new_empty(M, out_features)
         weight, scale, low = packed

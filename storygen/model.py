@@ -29,7 +29,7 @@ from storygen.decoder import can_use as can_use_lean
 from storygen.config import StorygenConfig
 from storygen.endings import sentence_end_tokens
 from storygen.errors import ModelLoadError
-from storygen.int8 import INT4_ROWS, NATIVE_INT8_ROWS, SMALL_ROWS, add_int8_copies, can_use_int4
+from storygen.int8 import INT4_ROWS, NATIVE_INT4_ROWS, NATIVE_INT8_ROWS, SMALL_ROWS, add_int8_copies, can_use_int4
 from storygen.int8 import can_use as can_use_int8
 from storygen.onednn import can_pack, pack_linears
 from storygen.prompts import FormatSpec, control_ids, control_strings, read_metadata, resolve_format
@@ -209,8 +209,9 @@ def load_model(config: StorygenConfig) -> LoadedModel:
     if int8 or int4 != "false":
         fours, eights = add_int8_copies(model, int4, int8, native)
         int8_rows = NATIVE_INT8_ROWS if native is not None and native.int8 is not None else SMALL_ROWS
+        int4_rows = NATIVE_INT4_ROWS if native is not None and native.int4 is not None else INT4_ROWS
         logger.info("small-batch copies of the linear layers: %s int4 (up to %s rows), %s int8 (up to %s rows)",
-                    fours, INT4_ROWS, eights, int8_rows)
+                    fours, int4_rows, eights, int8_rows)
     kernel = None
     if attention.can_use(model, device, config.decode_attention):
         kernel = native.attention if native is not None else None

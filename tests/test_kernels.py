@@ -116,7 +116,7 @@ def test_the_int4_kernel_is_there_exactly_where_the_cpu_has_avx512_bf16(library)
 
 @needs_cc
 @pytest.mark.skipif(not _has_avx512_bf16(), reason="this CPU has no AVX-512 BF16: int4 matmuls stay with torch's")
-@pytest.mark.parametrize("M", [1, 5, 8, 9, 16])
+@pytest.mark.parametrize("M", [1, 5, 8, 9, 16, 17, 32, 45])  # past 16: blocks of 16 rows and a rest
 @pytest.mark.parametrize("N,K", [(16, 32), (48, 96), (160, 64)])
 def test_int4_matmul_matches_the_dequantised_weight_and_torchs_kernel(library, M, N, K):
     from storygen.int8 import Int4Linear, _int4_grid
@@ -137,7 +137,7 @@ def test_int4_matmul_matches_the_dequantised_weight_and_torchs_kernel(library, M
 
 @needs_cc
 @pytest.mark.skipif(not _has_avx512_bf16(), reason="this CPU has no AVX-512 BF16: int4 matmuls stay with torch's")
-def test_an_int4_layer_uses_it_for_up_to_sixteen_rows_in_bf16(library, monkeypatch):
+def test_an_int4_layer_uses_it_for_up_to_thirty_two_rows_in_bf16(library, monkeypatch):
     from storygen.int8 import Int4Linear
 
     calls = []
@@ -147,11 +147,12 @@ def test_an_int4_layer_uses_it_for_up_to_sixteen_rows_in_bf16(library, monkeypat
     layer = Int4Linear(torch.nn.Linear(64, 32, bias=False, dtype=torch.bfloat16), native=native)
     assert not hasattr(layer, "int4_weight")  # torch's packing is not kept beside ours
     with torch.inference_mode():
-        for rows in (1, 4, 16, 17):
+        for rows in (1, 4, 16, 32, 33):
             layer(torch.randn(rows, 64, dtype=torch.bfloat16))
-    assert calls == [1, 4, 16]  # 17 rows: the dense bf16 layer
+    assert calls == [1, 4, 16, 32]  # 33 rows: the dense bf16 layer
     fp32 = Int4Linear(torch.nn.Linear(64, 32, bias=False), native=native)
     assert fp32.native is None and hasattr(fp32, "int4_weight")  # the kernel takes bf16 only
+    assert fp32.small_rows == 16  # torch's int4 kernel: slower than bf16 past 16 rows
 
 
 @needs_cc

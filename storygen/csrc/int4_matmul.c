@@ -1,4 +1,4 @@
-/* y = x w^T for a weight held as 4 bits per value, for decode steps of 1 to 16 rows on a CPU.
+/* y = x w^T for a weight held as 4 bits per value, for decode steps and short prefills on a CPU.
  *
  * torch's CPU kernel for weight-only int4 (aten._weight_int4pack_mm_for_cpu) dequantises the
  * weight for every row it multiplies, so at 16 rows it is bound by that arithmetic: 340 us
@@ -12,7 +12,8 @@
  * AVX-512 BF16 the function reports so and torch's kernel is used.
  *
  * Layout (all contiguous):
- *   x       (M, K) bf16, M <= 16 rows, K a multiple of 32
+ *   x       (M, K) bf16, K a multiple of 32; rows in blocks of up to 16, each block of 16 outputs
+ *           taking every block of rows while its weights are in cache (Int4Linear uses it up to 32 rows)
  *   packed  (N / 16, K / 8, 16, 2) uint16: for block b of 16 outputs and chunk t of 8 inputs, word
  *           (c, e) holds q[16 b + c][8 t + 2 k + e] in bits 4k..4k+3, k = 0..3 (values 0..15): one
  *           64-byte load, shifted by 4k, gives column c's input pair 4t + k in dword c
@@ -90,7 +91,7 @@ DEFINE_BLOCK(16, 1)
 
 int storygen_int4_matmul(const uint16_t *x, const uint8_t *packed, const uint16_t *scale, const uint16_t *low, uint16_t *y,
                          int64_t M, int64_t N, int64_t K, int nthreads) {
-    if (M < 1 || M > 16 || N % 16 || K % 32) return 1;
+    if (M < 1 || N % 16 || K % 32) return 1;
     const int64_t groups = K / 32;
     float *xsum = (float *)malloc(sizeof(float) * (size_t)(M * groups)); /* (M, K / 32): each row's sum per group */
     if (xsum == NULL) return 2;
@@ -101,18 +102,23 @@ int storygen_int4_matmul(const uint16_t *x, const uint8_t *packed, const uint16_
             xsum[m * groups + g] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
         }
 #pragma omp parallel for num_threads(nthreads > 0 ? nthreads : 1) schedule(static)
-    for (int64_t b = 0; b < N / 16; ++b) {
-        if (M == 1)
-            block_1((const uint32_t *)x, xsum, M, K, packed, scale, low, y, N, b);
-        else if (M == 2)
-            block_2((const uint32_t *)x, xsum, M, K, packed, scale, low, y, N, b);
-        else if (M <= 4)
-            block_4((const uint32_t *)x, xsum, M, K, packed, scale, low, y, N, b);
-        else if (M <= 8)
-            block_8((const uint32_t *)x, xsum, M, K, packed, scale, low, y, N, b);
-        else
-            block_16((const uint32_t *)x, xsum, M, K, packed, scale, low, y, N, b);
-    }
+    for (int64_t b = 0; b < N / 16; ++b)
+        for (int64_t m0 = 0; m0 < M; m0 += 16) {
+            const int64_t rows = M - m0 < 16 ? M - m0 : 16;
+            const uint32_t *xr = (const uint32_t *)(x + m0 * K);
+            const float *sr = xsum + m0 * groups;
+            uint16_t *yr = y + m0 * N;
+            if (rows == 1)
+                block_1(xr, sr, rows, K, packed, scale, low, yr, N, b);
+            else if (rows == 2)
+                block_2(xr, sr, rows, K, packed, scale, low, yr, N, b);
+            else if (rows <= 4)
+                block_4(xr, sr, rows, K, packed, scale, low, yr, N, b);
+            else if (rows <= 8)
+                block_8(xr, sr, rows, K, packed, scale, low, yr, N, b);
+            else
+                block_16(xr, sr, rows, K, packed, scale, low, yr, N, b);
+        }
     free(xsum);
     return 0;
 }
