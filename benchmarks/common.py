@@ -1,11 +1,16 @@
-"""What the benchmarks share: which model `--model` names."""
+"""What the benchmarks share: which model `--model` names, and waiting for a worker's warm-up."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from storygen.config import StorygenConfig
+
+if TYPE_CHECKING:
+    from storygen.worker import Worker
 
 
 def with_model(config: StorygenConfig, model: str, tmp: Path) -> StorygenConfig:
@@ -19,3 +24,9 @@ def with_model(config: StorygenConfig, model: str, tmp: Path) -> StorygenConfig:
             save_tiny_model(directory, "instruct")
         return replace(config, model=str(directory), model_format="instruct")
     return config if model == "default" else replace(config, model=model)
+
+
+async def warmed(worker: Worker) -> None:
+    """Return once the worker has computed the genres' framings ahead (at once where it has none to do)."""
+    while worker.warming:
+        await asyncio.sleep(0.005)

@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import with_model  # noqa: E402
+from benchmarks.common import warmed, with_model  # noqa: E402
 from benchmarks.worker_bench import openings  # noqa: E402
 from storygen import model_thread  # noqa: E402
 from storygen.config import StorygenConfig  # noqa: E402
@@ -44,8 +44,7 @@ async def first_tokens(lm: LoadedModel, config: StorygenConfig, requests: list[S
     ttfts = []
     async with Worker(lm, config) as worker:
         started = time.perf_counter()
-        while worker.warming:
-            await asyncio.sleep(0.005)
+        await warmed(worker)
         warm_up = time.perf_counter() - started if config.warm_prefixes else 0.0
         for request in requests:
             sent = time.perf_counter()

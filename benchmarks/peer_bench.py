@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from storygen import model_thread  # noqa: E402
-from benchmarks.common import with_model  # noqa: E402
+from benchmarks.common import warmed, with_model  # noqa: E402
 from storygen.config import StorygenConfig  # noqa: E402
 from storygen.logs import quiet_libraries  # noqa: E402
 from storygen.errors import StorygenError  # noqa: E402
@@ -317,8 +317,7 @@ async def _bench(lm: LoadedModel, config: StorygenConfig, items: list[list[Item]
               f"({model}), prompts as {args.peer_prompt}", flush=True)
         print(f"# N={','.join(map(str, ns))}, {args.tokens} tokens, rounds a side at each N: {args.rounds}", flush=True)
         bodies = [[peer_body(i, model, args.peer_prompt, args.peer_no_cache) for i in b] for b in items]
-        while worker.warming:  # the genres' framings, computed while the worker is idle: not in the peer's rounds
-            await asyncio.sleep(0.01)
+        await warmed(worker)  # the genres' framings, computed while the worker is idle: not in the peer's rounds
         await run_ours(worker, items[0])  # warm-up, one request each, not counted
         await run_peer(session, url, items[0], bodies[0])
         results: dict[int, list[tuple[Round, Round]]] = {n: [] for n in ns}

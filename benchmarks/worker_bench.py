@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from storygen import model_thread  # noqa: E402
-from benchmarks.common import with_model  # noqa: E402
+from benchmarks.common import warmed, with_model  # noqa: E402
 from storygen.config import StorygenConfig  # noqa: E402
 from storygen.logs import quiet_libraries  # noqa: E402
 from storygen.engine import Engine, Sequence  # noqa: E402
@@ -177,8 +177,7 @@ async def _rounds(lm: LoadedModel, baseline: LoadedModel, config: StorygenConfig
     print(f"fairness: X floods {args.flood}, then Y sends 1: Y waited {in_service:.2f} service times "
           f"= {in_turnovers:.2f} slot turnovers")
     async with Worker(lm, config) as worker:  # up for a while: they are in the prefix cache
-        while worker.warming:
-            await asyncio.sleep(0.01)
+        await warmed(worker)
         in_service, in_turnovers = await fairness(worker, params, args.flood)
     print(f"fairness_warm: the same once the framings are computed ahead: {in_service:.2f} service times "
           f"= {in_turnovers:.2f} slot turnovers")

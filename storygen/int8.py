@@ -41,7 +41,7 @@ NATIVE_INT8_ROWS = 16  # the same through ours (kernels.Int8Matmul): at 16 rows 
 INT4_ROWS = 16  # rows per call up to which an int4 copy is used (measured: faster than bf16 up to 16, slower at 20)
 # The same through ours (kernels.Int4Matmul, blocks of 16 rows): a prompt's 32-token pieces read a quarter
 # of the bytes, and in a whole prefill (where the weights come from memory, not cache) that paid: a
-# prompt after its framing, in 32-token pieces, 110 -> 87 ms; up to 64 rows gained nothing (106 ms).
+# prompt after its framing, in 32-token pieces, 119 -> 86 ms; up to 64 rows gained nothing.
 NATIVE_INT4_ROWS = 32
 INT4_GROUP = 32  # weights per scale and zero, along the input: Q4_1's block
 INT4_OUT = 16  # the kernel's packing wants the output width a multiple of this

@@ -31,7 +31,6 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest

@@ -82,16 +82,17 @@ class Worker(QueueFront, EngineLoop, FaultHandling):
         self._engine_loop: Future[None] | None = None
         self._last_step = 0.0
         self._last_work = 0.0  # when the engine loop last admitted or stepped (or started): the framings wait for quiet
-        self._framings = self._framings_to_warm(lm, config)  # the engine loop's, from start() on
+        self._framings = self._framings_to_warm()  # the engine loop's, from start() on
 
-    def _framings_to_warm(self, lm: LoadedModel, config: StorygenConfig) -> list[list[int]]:
+    def _framings_to_warm(self) -> list[list[int]]:
         """Each genre's framing at the default length (prompts.framing_ids), for the engine loop to compute
         into the prefix cache while it is idle: after a restart, the first story of each genre then
         prefills only its opening (for the default model ~10-40 tokens, not ~120)."""
-        cache = self.engine.prefix_cache
-        if not config.warm_prefixes or cache is None:
+        cache, lm = self.engine.prefix_cache, self.lm
+        if not self.config.warm_prefixes or cache is None:
             return []
-        ids = [framing_ids(lm.spec, lm.tokenizer, genre, config.defaults.length) for genre in lm.spec.allowed_genres()]
+        length = self.config.defaults.length
+        ids = [framing_ids(lm.spec, lm.tokenizer, genre, length) for genre in lm.spec.allowed_genres()]
         return [framing for framing in ids if len(framing) >= cache.block_tokens]
 
     @property
