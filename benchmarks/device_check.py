@@ -10,6 +10,9 @@ spot, in fp32 (exact comparisons) and in the device's half precision:
 - the engine's greedy stories, rows joining and leaving at different times, equal each one's alone;
 - the lean forward (decoder.py, STORYGEN_LEAN_DECODE=true) writes the same stories as transformers';
 - the prefix cache hits and changes nothing;
+- the lean step replayed as CUDA graphs (graphs.py, on by default where the lean step serves a GPU)
+  writes the same stories as without them, and graphs were recorded (on a CPU: the static step
+  they record, run as it is);
 - in bf16 (fp16 where the GPU lacks bf16) seeded stories are the same twice and every token is real;
 - the worker's default cap on this device (64 on a GPU), and it serves more requests than that at once.
 
@@ -98,6 +101,18 @@ def check_prefix_cache_changes_nothing(lms: dict) -> None:
     assert engine.prefix_cache.hits > 0, "the prefix cache never hit"
 
 
+def check_cuda_graphs_change_nothing(lms: dict) -> None:
+    lm, params = lms["lean"], SamplingParams(length=14, greedy=True)
+    graphed = Engine(lm, 4, static_decode=True)
+    got = model_thread.call(stories, lm, params, graphed)
+    want = model_thread.call(stories, lm, params, Engine(lm, 4, static_decode=False))
+    assert got == want, f"with CUDA graphs {got} != without {want}"
+    if lm.device.type == "cuda":
+        runner = graphed._graphs
+        assert lm.cuda_graphs, "STORYGEN_CUDA_GRAPHS=auto left the lean step on this GPU without graphs"
+        assert runner.record and runner.captures > 0, f"no graph replayed (record {runner.record}, {runner.captures})"
+
+
 def check_half_precision_is_seeded_and_sane(lms: dict) -> None:
     lm = lms["half"]
     params = SamplingParams(length=16, temperature=0.9, top_k=40)
@@ -140,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
               f"torch {torch.__version__}, half precision {half}")
         checks = [check_batched_greedy_equals_alone, check_lean_forward_matches_transformers,
-                  check_prefix_cache_changes_nothing, check_half_precision_is_seeded_and_sane,
+                  check_prefix_cache_changes_nothing, check_cuda_graphs_change_nothing,
+                  check_half_precision_is_seeded_and_sane,
                   lambda lms: check_worker_cap_and_a_crowd(lms, config)]
         names = [c.__name__.removeprefix("check_") if hasattr(c, "__name__") and c.__name__ != "<lambda>"
                  else "worker_cap_and_a_crowd" for c in checks]

@@ -24,7 +24,9 @@ python3 benchmarks/device_check.py 2>&1 | tee "$out/device_check.txt"
 rm -rf /tmp/model && cp -r .gpu/model /tmp/model && python3 benchmarks/random_model.py weights /tmp/model || exit 1
 export STORYGEN_MODEL=/tmp/model STORYGEN_MODEL_FORMAT=instruct
 n=${GPU_CHECK_N:-64}  # fewer for a try on a CPU
-for lean in false true; do  # transformers' forward (auto's choice on a GPU today), then our lean one
-  STORYGEN_LEAN_DECODE=$lean timeout 200 python3 benchmarks/worker_bench.py --n "$n" --rounds 2 --baseline-requests 8 \
-    2>&1 | tee "$out/worker_bench_lean_$lean.txt"
+# transformers' forward (auto's choice on a GPU today), our lean one, and the lean one as CUDA graphs
+for run in "false false" "true false" "true auto"; do
+  set -- $run
+  STORYGEN_LEAN_DECODE=$1 STORYGEN_CUDA_GRAPHS=$2 timeout 150 python3 benchmarks/worker_bench.py --n "$n" --rounds 2 \
+    --baseline-requests 8 2>&1 | tee "$out/worker_bench_lean_$1_graphs_$2.txt"
 done

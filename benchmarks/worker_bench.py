@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
         pairs = openings(args.n)
         print(f"model {lm.name} on {lm.device} ({lm.dtype}), {torch.get_num_threads()} threads; "
               f"N={args.n}, {args.new_tokens} new tokens, {args.rounds} rounds, worker slots {config.max_batch}; "
-              f"baseline generate() in {baseline.dtype}")
+              f"baseline generate() in {baseline.dtype}; decode step: "
+              f"{'lean' if lm.decoder is not None else 'transformers'}{', CUDA graphs' if lm.cuda_graphs else ''}")
         asyncio.run(_rounds(lm, baseline, config, params, pairs, args))
 
 

@@ -28,6 +28,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 ONEDNN_MODES = ("auto", "true", "false")
 BACKENDS = ("local", "openai")
 INT8_MODES = INT4_MODES = DECODE_ATTENTION_MODES = CPU_KERNEL_MODES = LEAN_DECODE_MODES = ("auto", "true", "false")
+CUDA_GRAPH_MODES = ("auto", "false")
 
 
 class Secret:
@@ -142,6 +143,7 @@ class StorygenConfig:
     decode_attention: str = "auto"  # a decode step's grouped heads packed for SDPA (attention.py): auto (CPU), true, false
     cpu_kernels: str = "auto"  # our C kernels, decode attention and int4 matmul (kernels.py): auto (bf16 on a CPU), true, false
     lean_decode: str = "auto"  # decode steps of Llama-family models through decoder.py: auto (CPU), true, false
+    cuda_graphs: str = "auto"  # the lean decode step replayed as CUDA graphs (graphs.py): auto (where it serves a GPU), false
     cache_dir: Path = field(default_factory=_default_cache_dir)
     default_genre: str = "auto"
     defaults: SamplingParams = SamplingParams()
@@ -195,6 +197,7 @@ class StorygenConfig:
             decode_attention=env.choice("STORYGEN_DECODE_ATTENTION", "auto", DECODE_ATTENTION_MODES),
             cpu_kernels=env.choice("STORYGEN_CPU_KERNELS", "auto", CPU_KERNEL_MODES),
             lean_decode=env.choice("STORYGEN_LEAN_DECODE", "auto", LEAN_DECODE_MODES),
+            cuda_graphs=env.choice("STORYGEN_CUDA_GRAPHS", "auto", CUDA_GRAPH_MODES),
             cache_dir=env.path("STORYGEN_CACHE_DIR", _default_cache_dir()),
             default_genre=env.str("STORYGEN_DEFAULT_GENRE", "auto"),
             defaults=defaults,

@@ -189,6 +189,34 @@ class LeanDecoder(nn.Module):
             x, h = self._add_norm(ops, x, layer.down(self._silu_mul(ops, layer.gate_up(h))), *self._next_norm(i))
         return DecodeOutput(parts.lm_head(h)[:, None, :])  # (B, 1, V)
 
+    def static_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
+                    column: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+        """A decode step whose shapes never change, for a CUDA graph (storygen/graphs.py).
+
+        input_ids, position_ids: (b,) long; mask: (b, c) bool, the columns each row attends to;
+        column: (1,) long, where this step's keys and values go; keys, values: each layer's (b, KV, c, D)
+        buffers, written at `column` in place. Returns the logits, (b, V). Plain torch ops on these
+        tensors only (no C kernels, no host syncs, no shape that depends on a value), so a capture
+        replays it exactly; `forward` does the same arithmetic over a batch's own columns.
+        """
+        parts = self.parts
+        b = input_ids.shape[0]
+        H, KV, D = self.heads, self.kv_heads, self.head_dim
+        sdpa_mask = mask[:, None, None, :]  # (b, 1, 1, c)
+        x = parts.embed(input_ids)  # (b, hidden)
+        cos, sin = (t[:, 0] for t in parts.rotary(x, position_ids[:, None]))  # (b, D) each
+        x, h = self._add_norm(None, x, None, parts.layers[0].norm_in, self.layer_eps[0][0])
+        for i, (layer, layer_keys, layer_values) in enumerate(zip(parts.layers, keys, values)):
+            qkv = layer.qkv(h)  # (b, (H + 2 KV) D)
+            qk = self._rotate(None, qkv, H + KV, cos, sin)  # (b, H + KV, D)
+            layer_keys.index_copy_(2, column, qk[:, H:, None])
+            layer_values.index_copy_(2, column, qkv[:, (H + KV) * D:].view(b, KV, 1, D))
+            attended = nn.functional.scaled_dot_product_attention(
+                qk[:, :H].view(b, KV, H // KV, D), layer_keys, layer_values, attn_mask=sdpa_mask, scale=self.scaling)
+            x, h = self._add_norm(None, x, layer.o(attended.reshape(b, H * D)), layer.norm_post, self.layer_eps[i][1])
+            x, h = self._add_norm(None, x, layer.down(self._silu_mul(None, layer.gate_up(h))), *self._next_norm(i))
+        return parts.lm_head(h)  # (b, V)
+
     def _prefill(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache,
                  attention_mask: torch.Tensor | None) -> DecodeOutput:
         """forward for S > 1 new tokens a row: a prompt, after whatever prefix the cache holds."""

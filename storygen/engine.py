@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from storygen import graphs
 from storygen.kvcache import (AppendLayer, add_rows, cache_argument, keep_rows, new_cache, pad_left,
                               replace_layer, truncate_layer)
 from storygen.model import LoadedModel
@@ -89,7 +90,7 @@ class Engine:
     """Owns the model's running batch. Not thread-safe: one thread calls it."""
 
     def __init__(self, lm: LoadedModel, max_batch: int, append_cache: bool = True, prefix_cache_bytes: int = 0,
-                 genre_steer: float = 0.0) -> None:
+                 genre_steer: float = 0.0, static_decode: bool | None = None) -> None:
         self.lm = lm
         self.genre_steer = genre_steer  # nats added to each row's steer_ids' logits; 0: off
         self.max_batch = max_batch
@@ -101,6 +102,11 @@ class Engine:
         if prefix_cache_bytes > 0 and not reusable:
             logger.warning("the prefix cache is off: this model's KV cache is not plain full attention")
         self._cache_arg = cache_argument(lm.model)  # "cache", or "past_key_values" before transformers 5.24
+        # Decode steps of fixed shapes, replayed as CUDA graphs (graphs.py): where the model's setting asks
+        # (lm.cuda_graphs), or where a caller asks (static_decode; on a CPU the static step runs as it is).
+        static = lm.cuda_graphs if static_decode is None else static_decode
+        self._graphs = graphs.GraphedDecode(lm.decoder, max_batch, lm.device, record=lm.device.type == "cuda") \
+            if static and append_cache and lm.decoder is not None else None
         self.rows: list[Sequence] = []  # the running batch, in cache order
         self._cache: DynamicCache | None = None
         self._mask = torch.zeros(0, 0, dtype=torch.long, device=lm.device)  # (B, T): 0 where left-padded
@@ -260,9 +266,12 @@ class Engine:
         self._mask = torch.cat([self._mask, self._mask.new_ones(B, 1)], dim=1)  # (B, T+1)
         length = self._cache.get_seq_length()
         try:
-            # Rows sit at different positions: (B, 1) each.
-            logits = self._forward(self._next[:, None], self._positions[:, None], self._cache,
-                                   self._mask if self._padded else None)
+            if self._graphs is not None:
+                logits = self._graphs.step(self._next, self._positions, self._mask if self._padded else None,
+                                           self._cache)
+            else:  # rows sit at different positions: (B, 1) each
+                logits = self._forward(self._next[:, None], self._positions[:, None], self._cache,
+                                       self._mask if self._padded else None)
         except BaseException:
             self._mask = self._mask[:, :-1]
             self._crop(length)  # layers that already grew roll back, so the batch stays consistent
@@ -421,6 +430,8 @@ class Engine:
               seen: torch.Tensor) -> None:
         """Add prefilled rows after the batch's: whichever side is shorter is left-padded, so the caches line up."""
         width = max(self._mask.shape[1], mask.shape[1])
+        if self._cache is None and self._graphs is not None:  # the batch's cache on the graphs' buffers
+            self._cache = self._graphs.new_cache(self.lm.model.config)
         if self._cache is None:
             self._cache = cache
         else:  # written into the batch cache's spare rows (kvcache.AppendLayer.add_rows)

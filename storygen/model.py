@@ -23,7 +23,7 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig,
                           PreTrainedModel, PreTrainedTokenizerBase)
 
-from storygen import attention, kernels
+from storygen import attention, graphs, kernels
 from storygen.decoder import LeanDecoder
 from storygen.decoder import can_use as can_use_lean
 from storygen.config import StorygenConfig
@@ -59,6 +59,7 @@ class LoadedModel:
     blank_ids: frozenset[int] = frozenset()  # tokens that are only whitespace
     model_config: PretrainedConfig | None = None
     decoder: LeanDecoder | None = None  # our decode step for Llama-family models (decoder.py); None: transformers'
+    cuda_graphs: bool = False  # the decoder's decode steps replayed as CUDA graphs (graphs.py)
 
     @property
     def vocab_size(self) -> int:
@@ -223,6 +224,9 @@ def load_model(config: StorygenConfig) -> LoadedModel:
         lm.decoder = LeanDecoder(model, kernel, native.layer if native is not None else None,
                                  native.stack if native is not None else None)
         logger.info("decode steps: storygen's lean Llama step (decoder.py)")
+    lm.cuda_graphs = graphs.can_use(lm.decoder, device, config.cuda_graphs)
+    if lm.cuda_graphs:
+        logger.info("decode steps: replayed as CUDA graphs (graphs.py)")
     logger.info("loaded %s (%s format) on %s as %s", model_id, lm.spec.format, device, dtype)
     return_freed_memory()
     return lm

@@ -204,7 +204,7 @@ def test_device_check_passes_on_this_cpu():
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()
-    assert lines[-1] == "device_check: ok" and sum(line.endswith(": ok") for line in lines) == 6
+    assert lines[-1] == "device_check: ok" and sum(line.endswith(": ok") for line in lines) == 7
 
 
 def test_random_model_gives_a_skeleton_weights_that_load(tmp_path):
