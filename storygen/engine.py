@@ -147,7 +147,7 @@ class Engine:
         for i, seq in enumerate(seqs):
             if seq.generator is None:
                 seq.seed = seq.params.seed if seq.params.seed is not None else secrets.randbits(32)
-                seq.generator = torch.Generator(device=self.lm.device).manual_seed(seq.seed)
+                seq.generator = torch.Generator().manual_seed(seq.seed)  # the CPU's on every device (sample_next)
             try:
                 self._check_fits(seq)
                 ready.append(i)

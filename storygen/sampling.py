@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -145,6 +145,14 @@ class RowKnobs:
     penalty: torch.Tensor  # (B,) float
     greedy: torch.Tensor  # (B,) bool
     length: torch.Tensor  # (B,) long; the row's budget of new tokens, for ending_bias
+    # What sample_next decides on, read from the tensors once per batch rather than at every step: on a
+    # GPU each read waits for the device.
+    greedy_rows: tuple[bool, ...] = field(init=False)
+    max_top_k: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.greedy_rows = tuple(self.greedy.tolist())
+        self.max_top_k = int(self.top_k.max()) if self.top_k.numel() else 0
 
     @classmethod
     def from_params(cls, params: list[SamplingParams], vocab: int, device: torch.device) -> RowKnobs:
@@ -198,13 +206,13 @@ def sample_next(
     if steer:
         logits[:, end_ids] += end_bias[:, None]
     # 2. Greedy rows are done: the likeliest token.
-    greedy_ids = logits.argmax(dim=-1) if bool(knobs.greedy.any()) else None  # (B,)
-    if bool(knobs.greedy.all()):
+    greedy_ids = logits.argmax(dim=-1) if any(knobs.greedy_rows) else None  # (B,)
+    if all(knobs.greedy_rows):
         return greedy_ids
     # 3. Top-k: work on the K likeliest candidates only, K the largest k in the batch; a row
     #    with a smaller k masks the tail of its candidates. Sorting the whole vocab happens
     #    only when some row turned top-k off.
-    K = int(knobs.top_k.max())
+    K = knobs.max_top_k
     cand_logits, cand_ids = torch.topk(logits, K, dim=-1) if K < V else torch.sort(logits, dim=-1, descending=True)
     rank = torch.arange(cand_logits.shape[-1], device=logits.device)[None, :]  # (1, K)
     # 4. Temperature: flatten (T > 1) or sharpen (T < 1) each row's distribution.
@@ -216,10 +224,11 @@ def sample_next(
     # 6. Sample each row by inverting its CDF at one uniform draw from its own generator. One draw
     #    per row per step whatever the batch's K, so a seed gives the same story in any batch
     #    (torch.multinomial draws once per candidate, and K is the largest top_k in the batch).
-    greedy_rows = knobs.greedy.tolist()
-    zero = torch.zeros(1, device=logits.device)
-    draws = torch.cat([zero if is_greedy else torch.rand(1, generator=gen, device=logits.device)
-                       for is_greedy, gen in zip(greedy_rows, generators)])  # (B,) in [0, 1)
+    #    The generators are the CPU's on every device: on a GPU, a draw each from per-row CUDA
+    #    generators would be a kernel launch per row; these are one copy of (B,) floats.
+    draws = torch.tensor([0.0 if is_greedy else torch.rand(1, generator=gen).item()
+                          for is_greedy, gen in zip(knobs.greedy_rows, generators)],
+                         device=logits.device)  # (B,) in [0, 1)
     cdf = torch.cumsum(probs, dim=-1)  # (B, K); the last column is the mass top-p kept
     choice = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True)  # (B, 1)
     sampled = cand_ids.gather(-1, choice.clamp(max=cand_ids.shape[-1] - 1)).squeeze(-1)  # (B,)
