@@ -19,6 +19,7 @@ engine loop, the CLI calls it directly.
 from __future__ import annotations
 
 import logging
+import random
 import secrets
 from dataclasses import dataclass, field
 
@@ -44,7 +45,7 @@ class Sequence:
     params: SamplingParams
     seed: int = -1  # the seed in use; drawn at random when params.seed is None
     generated: list[int] = field(default_factory=list)
-    generator: torch.Generator | None = None
+    generator: random.Random | None = None  # its draws (sampling.sample_next)
     finish_reason: str | None = None  # "stop" (end-of-story token), "length", "aborted"
     wrote: bool = False  # some token it wrote is not only whitespace; until then it may not stop (see _shape)
     steer_ids: tuple[int, ...] = ()  # its genre's word tokens, which the genre steer raises (storygen/steer.py)
@@ -147,7 +148,7 @@ class Engine:
         for i, seq in enumerate(seqs):
             if seq.generator is None:
                 seq.seed = seq.params.seed if seq.params.seed is not None else secrets.randbits(32)
-                seq.generator = torch.Generator().manual_seed(seq.seed)  # the CPU's on every device (sample_next)
+                seq.generator = random.Random(seq.seed)
             try:
                 self._check_fits(seq)
                 ready.append(i)

@@ -253,3 +253,16 @@ def test_first_story_bench_smoke_run():
     assert float(figures["warm_up_s"]) > 0  # the warm-up ran, and the cold arm had none
     assert int(figures["first_ttft_p50_cold_ms"]) > 0 and int(figures["first_ttft_p50_warm_ms"]) > 0
     assert re.fullmatch(r"first_ttft_ratio: \d+\.\d\d", lines[-1])
+
+
+def test_launch_bench_smoke_run():
+    result = subprocess.run([sys.executable, "benchmarks/launch_bench.py", "--model", "tiny", "--n", "4", "1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = dict(line.split(": ", 1) for line in result.stdout.strip().splitlines()[1:])
+    assert set(figures) == {f"{name}_{n}" for n in (4, 1)
+                            for name in ("ops_eager", "ops_forward_eager", "ops_graphed", "launch_ratio")}
+    for n in (4, 1):  # the tiny model has 2 layers, so its graph saves less than the default's 30 do
+        eager, graphed = int(figures[f"ops_eager_{n}"]), int(figures[f"ops_graphed_{n}"].split()[0])
+        assert 0 < graphed < eager and 0 < int(figures[f"ops_forward_eager_{n}"]) < eager
+        assert float(figures[f"launch_ratio_{n}"]) == pytest.approx(eager / graphed, abs=0.06)
