@@ -24,9 +24,13 @@ python3 benchmarks/device_check.py 2>&1 | tee "$out/device_check.txt"
 rm -rf /tmp/model && cp -r .gpu/model /tmp/model && python3 benchmarks/random_model.py weights /tmp/model || exit 1
 export STORYGEN_MODEL=/tmp/model STORYGEN_MODEL_FORMAT=instruct
 n=${GPU_CHECK_N:-64}  # fewer for a try on a CPU
-# transformers' forward (auto's choice on a GPU today), our lean one, and the lean one as CUDA graphs
-for run in "false false" "true false" "true auto"; do
+# A decode step's time with CUDA graphs and without, at 1, 16 and 64 rows; then the worker three ways,
+# the newest first, so that the device tool's 600 s cut the oldest: the lean step as CUDA graphs, the
+# lean step, and transformers' forward (auto's choice on a GPU today).
+STORYGEN_LEAN_DECODE=true timeout 100 python3 benchmarks/step_bench.py --compare graphs --rows 1 16 64 --rounds 3 \
+  2>&1 | tee "$out/step_bench_graphs.txt"
+for run in "true auto" "true false" "false false"; do
   set -- $run
-  STORYGEN_LEAN_DECODE=$1 STORYGEN_CUDA_GRAPHS=$2 timeout 150 python3 benchmarks/worker_bench.py --n "$n" --rounds 2 \
+  STORYGEN_LEAN_DECODE=$1 STORYGEN_CUDA_GRAPHS=$2 timeout 130 python3 benchmarks/worker_bench.py --n "$n" --rounds 2 \
     --baseline-requests 8 2>&1 | tee "$out/worker_bench_lean_$1_graphs_$2.txt"
 done

@@ -244,6 +244,19 @@ def test_step_bench_smoke_run():
     assert re.fullmatch(r"step_speedup_16: \d+\.\d\d", lines[-2]) and re.fullmatch(r"step_speedup_1: \d+\.\d\d", lines[-1])
 
 
+def test_step_bench_compares_cuda_graphs_with_eager_steps():
+    """What gpu_check.sh runs on a GPU; here the static step runs as it is (nothing to record on a CPU)."""
+    result = subprocess.run([sys.executable, "benchmarks/step_bench.py", "--model", "tiny", "--compare", "graphs",
+                             "--rows", "1", "5", "--steps", "3", "--rounds", "1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ,
+                                                                                        "STORYGEN_LEAN_DECODE": "true"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    figures = dict(line.split(": ", 1) for line in lines[1:])
+    assert all(float(figures[f"step_ms_{path}_{rows}"]) > 0 for path in ("graphs", "eager") for rows in (1, 5))
+    assert re.fullmatch(r"graph_speedup_5: \d+\.\d\d", lines[-2]) and re.fullmatch(r"graph_speedup_1: \d+\.\d\d", lines[-1])
+
+
 def test_first_story_bench_smoke_run():
     result = subprocess.run([sys.executable, "benchmarks/first_story_bench.py", "--model", "tiny", "--rounds", "1"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
