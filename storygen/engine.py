@@ -267,7 +267,7 @@ class Engine:
         self._mask = torch.cat([self._mask, self._mask.new_ones(B, 1)], dim=1)  # (B, T+1)
         length = self._cache.get_seq_length()
         try:
-            if self._graphs is not None:
+            if self._graphs is not None and self._graphs.active:
                 logits = self._graphs.step(self._next, self._positions, self._mask if self._padded else None,
                                            self._cache)
             else:  # rows sit at different positions: (B, 1) each
@@ -431,7 +431,7 @@ class Engine:
               seen: torch.Tensor) -> None:
         """Add prefilled rows after the batch's: whichever side is shorter is left-padded, so the caches line up."""
         width = max(self._mask.shape[1], mask.shape[1])
-        if self._cache is None and self._graphs is not None:  # the batch's cache on the graphs' buffers
+        if self._cache is None and self._graphs is not None and self._graphs.active:  # on the graphs' buffers
             self._cache = self._graphs.new_cache(self.lm.model.config)
         if self._cache is None:
             self._cache = cache

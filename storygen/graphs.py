@@ -68,6 +68,9 @@ class PoolLayer(AppendLayer):
         self._k, self._v = owner.buffers[index]
 
     def set(self, keys: torch.Tensor, values: torch.Tensor, spare: int = MIN_SPARE, rows: int = 0) -> None:
+        if not self._owner.active:  # the static step was stopped: a plain AppendLayer from now on
+            super().set(keys, values, spare, rows)
+            return
         B, H, T, D = keys.shape
         k, v = self._k, self._v
         if k is None or k.shape[0] < max(rows, B) or k.shape[-2] < T + spare or k.dtype != keys.dtype:
@@ -89,6 +92,7 @@ class GraphedDecode:
         self.decoder = decoder
         self.max_batch = max_batch
         self.record = record  # False: run the static step as it is (a CPU; after a failed capture)
+        self.active = True  # False: the engine's steps run eagerly (stop), its PoolLayers are plain AppendLayers
         # Each layer's (rows, KV, columns, D) keys and values: made by the batches' first PoolLayers.
         self.buffers: list[tuple[torch.Tensor | None, torch.Tensor | None]] = [(None, None)] * len(decoder.parts.layers)
         self.captures = 0  # graphs recorded, over this object's life
@@ -110,14 +114,32 @@ class GraphedDecode:
         least; the graphs recorded on the old ones go."""
         rows = max(rows, self.max_batch)
         columns = bucket(columns, MIN_COLUMNS)
-        # Zeros, not garbage: a masked column's value is still multiplied by its weight of zero.
-        k = keys.new_zeros(rows, keys.shape[1], columns, keys.shape[3])
-        v = values.new_zeros(rows, values.shape[1], columns, values.shape[3])
+        try:
+            k, v = self._allocate(keys, values, rows, columns)
+        except torch.OutOfMemoryError:
+            # The eager step makes room for the rows it runs; these buffers take the whole cap's. The
+            # caller's step fails as any step out of memory does (the worker lowers its cap), and the
+            # steps after it run eagerly.
+            self.stop(f"KV buffers for {rows} rows and {columns} columns do not fit in memory")
+            raise
         self.buffers[index] = (k, v)
         if self._mask.shape != (rows, columns):
             self._mask = torch.zeros(rows, columns, dtype=torch.bool, device=k.device)
         self._graphs.clear()
         return k, v
+
+    @staticmethod
+    def _allocate(keys: torch.Tensor, values: torch.Tensor, rows: int, columns: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # Zeros, not garbage: a masked column's value is still multiplied by its weight of zero.
+        return (keys.new_zeros(rows, keys.shape[1], columns, keys.shape[3]),
+                values.new_zeros(rows, values.shape[1], columns, values.shape[3]))
+
+    def stop(self, reason: str) -> None:
+        """No more static steps: the engine's decode steps run eagerly from now on, and the buffers go."""
+        logger.warning("decode steps run eagerly from now on, without CUDA graphs: %s", reason)
+        self.active = self.record = False
+        self._graphs.clear()
+        self.buffers = [(None, None)] * len(self.buffers)
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,

@@ -16,7 +16,7 @@ import torch
 from storygen import graphs
 from storygen.config import Env, StorygenConfig
 from storygen.decoder import LeanDecoder
-from storygen.engine import Engine, Sequence
+from storygen.engine import Engine, Sequence, SequenceError
 from storygen.errors import ConfigError
 from storygen.model import load_model
 from storygen.sampling import SamplingParams
@@ -136,6 +136,37 @@ def test_a_capture_that_fails_leaves_the_steps_to_run_without_graphs(lm, caplog)
     assert not engine._graphs.record and engine._graphs.captures == 0
     warnings = [r.getMessage() for r in caplog.records if r.name == "storygen.graphs"]
     assert len(warnings) == 1 and "decode steps run without graphs" in warnings[0]
+
+
+def test_buffers_that_do_not_fit_stop_the_static_steps_and_the_stories_go_on_eagerly(lm, caplog, monkeypatch):
+    """The static step's buffers take the whole cap's rows, where the eager step makes room for the rows it
+    runs: when they do not fit, that step fails as any step out of memory does, and the steps after it
+    run eagerly on the same cache."""
+    params = SamplingParams(length=12, greedy=True)
+    prompts = [PROMPTS[0], list(range(3, 150))]  # the second outgrows the first's buffers
+    seqs = {name: [Sequence(f"{name}{i}", p, params) for i, p in enumerate(prompts)] for name in ("eager", "static")}
+    engines = {"eager": Engine(lm, 4), "static": Engine(lm, 4, static_decode=True)}
+    runner = engines["static"]._graphs
+    for name, engine in engines.items():
+        engine.start(seqs[name][0])
+        engine.step()
+    assert runner.active and runner.buffers[0][0] is not None
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(runner, "_allocate", out_of_memory)
+    with caplog.at_level(logging.WARNING, logger="storygen"):
+        with pytest.raises(SequenceError, match="out of memory"):
+            engines["static"].start(seqs["static"][1])  # joining needs wider buffers, which do not fit
+        for name, engine in engines.items():
+            engine.start(seqs[name][1])  # the worker queues it again (engine_loop._start): it joins eagerly
+            while engine.rows:
+                engine.step()
+    assert not runner.active and runner.buffers[0][0] is None
+    assert [s.generated for s in seqs["static"]] == [s.generated for s in seqs["eager"]]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "storygen.graphs"]
+    assert len(warnings) == 1 and "do not fit in memory" in warnings[0]
 
 
 def test_a_replay_must_agree_with_the_step_within_rounding():
