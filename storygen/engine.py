@@ -28,7 +28,7 @@ from transformers import DynamicCache
 
 from storygen import graphs
 from storygen.kvcache import (AppendLayer, add_rows, cache_argument, keep_rows, new_cache, pad_left,
-                              replace_layer, truncate_layer)
+                              replace_layer, restore, truncate_layer)
 from storygen.model import LoadedModel
 from storygen.prefix_cache import PrefixCache
 from storygen.sampling import END_BOOST, RowKnobs, SamplingParams, ending_bias, sample_next
@@ -431,16 +431,26 @@ class Engine:
               seen: torch.Tensor) -> None:
         """Add prefilled rows after the batch's: whichever side is shorter is left-padded, so the caches line up."""
         width = max(self._mask.shape[1], mask.shape[1])
-        if self._cache is None and self._graphs is not None and self._graphs.active:  # on the graphs' buffers
-            self._cache = self._graphs.new_cache(self.lm.model.config)
-        if self._cache is None:
+        graphed = self._graphs is not None and self._graphs.active
+        if self._cache is None and not graphed:
             self._cache = cache
         else:  # written into the batch cache's spare rows (kvcache.AppendLayer.add_rows)
+            new = self._cache is None
+            if new:  # a new batch on the graphs' buffers
+                self._cache = self._graphs.new_cache(self.lm.model.config)
             # Room made for twice the rows, up to the cap: on a GPU with a large model, 64 rows of room
             # made at once could take gigabytes that a few running stories don't need.
             room = min(self.max_batch, 2 * (len(self.rows) + len(seqs)))
-            for mine, theirs in zip(self._cache.layers, cache.layers):
-                add_rows(mine, theirs.keys, theirs.values, rows=room)
+            try:
+                for mine, theirs in zip(self._cache.layers, cache.layers):
+                    add_rows(mine, theirs.keys, theirs.values, rows=room)
+            except BaseException:  # out of memory at some layer: the layers before it give the rows back
+                if new:
+                    self._cache = None
+                else:
+                    for layer in self._cache.layers:
+                        restore(layer, len(self.rows), self._mask.shape[1])
+                raise
         self._mask = torch.cat([pad_left(self._mask, width, dim=1), pad_left(mask, width, dim=1)], dim=0)
         self._padded = not bool(self._mask.all())
         self._positions = torch.cat([self._positions, mask.sum(dim=1)])  # next position: each row's length

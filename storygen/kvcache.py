@@ -41,8 +41,10 @@ class AppendLayer(DynamicLayer):
     def set(self, keys: torch.Tensor, values: torch.Tensor, spare: int = MIN_SPARE, rows: int = 0) -> None:
         """Replace the contents, leaving `spare` free positions after them and room for `rows` rows in all."""
         B, H, T, D = keys.shape
-        self._k = keys.new_empty(max(rows, B), H, T + spare, D)
-        self._v = values.new_empty(max(rows, B), H, T + spare, values.shape[-1])
+        # Both made before either is kept: out of memory at the second leaves the layer as it was.
+        k = keys.new_empty(max(rows, B), H, T + spare, D)
+        v = values.new_empty(max(rows, B), H, T + spare, values.shape[-1])
+        self._k, self._v = k, v
         self._k[:B, :, :T] = keys
         self._v[:B, :, :T] = values
         self._start = 0
@@ -173,6 +175,16 @@ def add_rows(layer: DynamicLayer, keys: torch.Tensor, values: torch.Tensor, rows
     width = max(layer.keys.shape[-2], keys.shape[-2])
     layer.keys = torch.cat([pad_left(layer.keys, width), pad_left(keys, width)])
     layer.values = torch.cat([pad_left(layer.values, width), pad_left(values, width)])
+
+
+def restore(layer: DynamicLayer, rows: int, length: int) -> None:
+    """Back to its first `rows` rows and last `length` columns: undoes an add_rows that the batch does not keep
+    (add_rows only writes rows after the batch's and padding before its columns)."""
+    if isinstance(layer, AppendLayer):
+        layer._start += layer.keys.shape[-2] - length
+        layer._view(rows, length)
+    else:
+        layer.keys, layer.values = layer.keys[:rows, :, -length:], layer.values[:rows, :, -length:]
 
 
 def pad_left(x: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from storygen.engine import Engine, Sequence
+from storygen import engine as engine_module
+from storygen.engine import Engine, Sequence, SequenceError
 from storygen.genres import get_genre
 from storygen.prompts import build_prompt
 from storygen.sampling import END_WINDOW, END_WINDOW_MIN, SamplingParams
@@ -290,3 +291,40 @@ def test_a_prompt_prefilled_in_pieces_writes_what_it_writes_whole(tiny_lms):
     assert seq.generated == _run_alone(lm, prompt, params)
     assert (engine.prefix_cache.hits, engine.prefix_cache.lookups) == (sum(pieces), len(prompt))
     assert Engine(lm, 1).prefill_part(Sequence("t", prompt, params), 8) == 0  # no prefix cache: no pieces
+
+
+@pytest.mark.parametrize("append_cache", [True, False])
+@pytest.mark.parametrize("failing_layer", [0, 1])
+def test_running_out_of_memory_while_joining_leaves_the_batch_as_it_was(tiny_lms, monkeypatch, failing_layer,
+                                                                        append_cache):
+    """Joining writes the new rows into each layer in turn; when a layer's room cannot be made, the layers
+    before it give theirs back, so the running story goes on and the joiner can be queued again."""
+    lm = tiny_lms["instruct"]
+    params = SamplingParams(length=10, greedy=True)
+    real = engine_module.add_rows
+
+    def run(fail: bool) -> tuple[list[int], list[int]]:
+        engine = Engine(lm, 4, append_cache=append_cache)
+        a, b = Sequence("a", [5, 6, 7], params), Sequence("b", list(range(3, 40)), params)  # b is wider
+        engine.start(a)
+        engine.step()
+        if fail:
+            calls = []
+
+            def out_of_memory_at_one_layer(layer, keys, values, rows=0):
+                calls.append(layer)
+                if len(calls) == failing_layer + 1:
+                    raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+                return real(layer, keys, values, rows)
+
+            monkeypatch.setattr(engine_module, "add_rows", out_of_memory_at_one_layer)
+            with pytest.raises(SequenceError, match="out of memory"):
+                engine.start(b)
+            monkeypatch.setattr(engine_module, "add_rows", real)
+            assert len(engine.rows) == 1 and all(layer.keys.shape[0] == 1 for layer in engine._cache.layers)
+        engine.start(b)  # as the worker does: queued again, it joins
+        while engine.rows:
+            engine.step()
+        return a.generated, b.generated
+
+    assert run(True) == run(False)
