@@ -198,7 +198,8 @@ class Engine:
         # 2. Sample the next token of every row with that row's settings and generator, steering
         #    rows near the end of their length towards an ending.
         tokens = sample_next(logits, self._knobs, self._seen_or_none(), [s.generator for s in self.rows],
-                             self._end_ids, self._end_bias(self.rows, self._knobs), inplace=True)
+                             self._end_ids, self._end_bias(self.rows, self._knobs), inplace=True,
+                             sampler=self.lm.sampler)
         # 3. Record it, and decide which rows are done.
         outputs = [self._record(seq, tok) for seq, tok in zip(self.rows, tokens.tolist())]
         self._steer_index.wrote(tokens)
@@ -334,7 +335,7 @@ class Engine:
         penalise = any(seq.params.repetition_penalty != 1 for seq in seqs)
         logits = self._shape(last.float(), seqs, self._steer_pairs(seqs))  # (G, V), fp32 always
         tokens = sample_next(logits, knobs, seen if penalise else None, [s.generator for s in seqs],
-                             self._end_ids, self._end_bias(seqs, knobs), inplace=True)
+                             self._end_ids, self._end_bias(seqs, knobs), inplace=True, sampler=self.lm.sampler)
         outputs = [self._record(seq, tok) for seq, tok in zip(seqs, tokens.tolist())]
         seen[torch.arange(G, device=device), tokens] = True
         # 3. Rows that go on join the running batch; one that stopped at once never does.

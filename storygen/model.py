@@ -60,6 +60,7 @@ class LoadedModel:
     model_config: PretrainedConfig | None = None
     decoder: LeanDecoder | None = None  # our decode step for Llama-family models (decoder.py); None: transformers'
     cuda_graphs: bool = False  # the decoder's decode steps replayed as CUDA graphs (graphs.py)
+    sampler: kernels.Sampler | None = None  # sampling's penalty, steer and top-k in our C kernel (a CPU)
 
     @property
     def vocab_size(self) -> int:
@@ -224,6 +225,7 @@ def load_model(config: StorygenConfig) -> LoadedModel:
         lm.decoder = LeanDecoder(model, kernel, native.layer if native is not None else None,
                                  native.stack if native is not None else None)
         logger.info("decode steps: storygen's lean Llama step (decoder.py)")
+    lm.sampler = native.sampler if native is not None else None
     lm.cuda_graphs = graphs.can_use(lm.decoder, device, config.cuda_graphs)
     if lm.cuda_graphs:
         logger.info("decode steps: replayed as CUDA graphs (graphs.py)")

@@ -11,10 +11,14 @@ import logging
 import math
 import random
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import torch
 
 from storygen.errors import SettingRangeError, UnknownSettingError
+
+if TYPE_CHECKING:
+    from storygen.kernels import Sampler
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +182,7 @@ def sample_next(
     end_ids: torch.Tensor | None = None,
     end_bias: torch.Tensor | None = None,
     inplace: bool = False,
+    sampler: Sampler | None = None,
 ) -> torch.Tensor:
     """Pick one next token per row, each row with its own settings and random stream.
 
@@ -185,36 +190,47 @@ def sample_next(
     each row (prompt included, as `generate` does), or None when no row penalises.
     end_ids: (E,) long, the end-of-story tokens, each once; end_bias: (B,) float, added to their
     logits (see ending_bias), or None. inplace: fp32 `logits` may be changed (the caller is done
-    with them), which saves a copy. Returns (B,) token ids. The order of the steps is the order
-    `generate` uses, with the ending steer after the penalty.
+    with them), which saves a copy. sampler: our C kernel for steps 1-3 on a CPU (kernels.Sampler),
+    or None. Returns (B,) token ids. The order of the steps is the order `generate` uses, with the
+    ending steer after the penalty.
 
     Each step touches only what it changes: a row has a few hundred seen tokens of a vocabulary of
     tens of thousands, and temperature is applied to the top-k candidates rather than to the whole
     row (dividing by T > 0 keeps the order), so a 16-row step of a 49k vocabulary passes over the
-    logits about three times (copy, argmax for greedy rows, top-k) where it was ten.
+    logits about three times (copy, argmax for greedy rows, top-k) where it was ten; with the
+    kernel, once.
     """
     logits = logits.float()  # (B, V); sampling in fp32 even when the model runs in half precision
     B, V = logits.shape
     steer = end_bias is not None and end_ids is not None and end_ids.numel()
-    if not inplace and (seen is not None or steer):
-        logits = logits.clone()
-    # 1. Repetition penalty (CTRL): seen tokens' logits shrink towards "less likely" by the row's factor.
-    if seen is not None:
-        rows, cols = seen.nonzero(as_tuple=True)  # (N,), (N,)
-        values, penalty = logits[rows, cols], knobs.penalty[rows]
-        logits[rows, cols] = torch.where(values > 0, values / penalty, values * penalty)
-    # 1b. Steer towards an ending: each row's end-of-story logits rise by its own bias.
-    if steer:
-        logits[:, end_ids] += end_bias[:, None]
-    # 2. Greedy rows are done: the likeliest token.
-    greedy_ids = logits.argmax(dim=-1) if any(knobs.greedy_rows) else None  # (B,)
-    if all(knobs.greedy_rows):
-        return greedy_ids
-    # 3. Top-k: work on the K likeliest candidates only, K the largest k in the batch; a row
-    #    with a smaller k masks the tail of its candidates. Sorting the whole vocab happens
-    #    only when some row turned top-k off.
-    K = knobs.max_top_k
-    cand_logits, cand_ids = torch.topk(logits, K, dim=-1) if K < V else torch.sort(logits, dim=-1, descending=True)
+    # The candidates: K the largest k in the batch (a row with a smaller k masks the tail of its
+    # candidates); only greedy rows: the best one.
+    K = 1 if all(knobs.greedy_rows) else knobs.max_top_k
+    if sampler is not None and sampler.fits(logits, K, seen):
+        # 1-3 below in one pass of our kernel: the penalty, the steer and the top-K candidates.
+        cand_logits, cand_ids = sampler(logits if inplace else logits.clone(), seen, knobs.penalty,
+                                        end_ids if steer else None, end_bias if steer else None, K)
+        greedy_ids = cand_ids[:, 0] if any(knobs.greedy_rows) else None  # (B,) argmax: the first of the best
+        if all(knobs.greedy_rows):
+            return greedy_ids
+    else:
+        if not inplace and (seen is not None or steer):
+            logits = logits.clone()
+        # 1. Repetition penalty (CTRL): seen tokens' logits shrink towards "less likely" by the row's factor.
+        if seen is not None:
+            rows, cols = seen.nonzero(as_tuple=True)  # (N,), (N,)
+            values, penalty = logits[rows, cols], knobs.penalty[rows]
+            logits[rows, cols] = torch.where(values > 0, values / penalty, values * penalty)
+        # 1b. Steer towards an ending: each row's end-of-story logits rise by its own bias.
+        if steer:
+            logits[:, end_ids] += end_bias[:, None]
+        # 2. Greedy rows are done: the likeliest token.
+        greedy_ids = logits.argmax(dim=-1) if any(knobs.greedy_rows) else None  # (B,)
+        if all(knobs.greedy_rows):
+            return greedy_ids
+        # 3. Top-k: work on the K likeliest candidates only. Sorting the whole vocab happens only
+        #    when some row turned top-k off.
+        cand_logits, cand_ids = torch.topk(logits, K, dim=-1) if K < V else torch.sort(logits, dim=-1, descending=True)
     rank = torch.arange(cand_logits.shape[-1], device=logits.device)[None, :]  # (1, K)
     # 4. Temperature: flatten (T > 1) or sharpen (T < 1) each row's distribution.
     cand_logits = (cand_logits / knobs.temperature[:, None]).masked_fill(rank >= knobs.top_k[:, None], float("-inf"))

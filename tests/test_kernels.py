@@ -315,3 +315,65 @@ def test_int4_scales_are_held_in_fp16_and_a_grid_past_its_range_stays_with_torch
     q, scale, low = _int4_grid(dense.weight.float())
     huge = Int4Linear(dense, grid=(q, scale, low - 70000), native=library.int4)  # minimums fp16 can't hold
     assert huge.native is None and hasattr(huge, "int4_weight")
+
+
+def _shaped(logits, seen, penalty, ends, bias):
+    """sampling.py's torch path for the penalty and the steer."""
+    out = logits.clone()
+    if seen is not None:
+        penalised = torch.where(out > 0, out / penalty[:, None], out * penalty[:, None])
+        out = torch.where(seen, penalised, out)
+    if ends is not None:
+        out[:, ends] += bias[:, None]
+    return out
+
+
+@needs_cc
+@pytest.mark.parametrize("B,V,k", [(1, 49152, 50), (5, 1000, 1), (16, 3000, 200), (3, 64, 64), (2, 37, 5)])
+@pytest.mark.parametrize("penalise,steer", [(True, True), (False, False), (True, False)])
+def test_the_sampler_gives_torchs_penalty_steer_and_topk(library, B, V, k, penalise, steer):
+    g = torch.Generator().manual_seed(B * V + k)
+    logits = torch.randn(B, V, generator=g) * 4
+    seen = torch.rand(B, V, generator=g) < 0.1 if penalise else None
+    penalty = 1 + torch.rand(B, generator=g)
+    penalty[0] = 1.0  # a row without a penalty
+    ends, bias = (torch.tensor([0, V - 1]), torch.rand(B, generator=g) * 10) if steer else (None, None)
+    want = _shaped(logits, seen, penalty, ends, bias)
+    want_values, want_ids = torch.topk(want, k, dim=-1)
+    got = logits.clone()
+    values, ids = library.sampler(got, seen, penalty, ends, bias, k)
+    assert torch.equal(values, want_values) and torch.equal(ids, want_ids)
+    assert torch.equal(got, want)  # the penalty and the steer were applied in place, bit for bit
+
+
+@needs_cc
+def test_the_sampler_orders_equal_logits_by_token_as_argmax_does(library):
+    logits = torch.tensor([[1.0, 3.0, 2.0, 3.0, 3.0, 0.5, 2.0, 3.0] * 3])  # bf16 logits tie often
+    values, ids = library.sampler(logits.clone(), None, torch.ones(1), None, None, 6)
+    assert values.tolist() == [[3.0] * 6] and ids.tolist() == [[1, 3, 4, 7, 9, 11]]
+    assert ids[0, 0] == logits.argmax()
+    values, ids = library.sampler(logits.clone(), None, torch.ones(1), None, None, 16)
+    assert ids[0].tolist() == [1, 3, 4, 7, 9, 11, 12, 15, 17, 19, 20, 23, 2, 6, 10, 14]  # the 3.0s, then 2.0s
+
+
+@needs_cc
+def test_sample_next_draws_the_same_tokens_with_the_sampler(library):
+    import random
+
+    from storygen.sampling import RowKnobs, SamplingParams, sample_next
+
+    g = torch.Generator().manual_seed(1)
+    V = 5000
+    params = [SamplingParams(temperature=t, top_k=k, top_p=p, repetition_penalty=r, greedy=greedy)
+              for t, k, p, r, greedy in [(0.8, 50, 0.95, 1.1, False), (1.3, 5, 1.0, 1.5, False), (0.5, 200, 0.5, 1.0, False),
+                                         (0.8, 50, 0.95, 1.2, True), (2.0, 1, 0.9, 1.1, False)]]
+    knobs = RowKnobs.from_params(params, V, torch.device("cpu"))
+    for step in range(20):
+        logits = torch.randn(len(params), V, generator=g) * 3
+        seen = torch.rand(len(params), V, generator=g) < 0.02
+        ends, bias = torch.tensor([3, 4]), torch.rand(len(params), generator=g) * 8 * (step % 2)
+        tokens = [sample_next(logits, knobs, seen, [random.Random(step * 10 + i) for i in range(len(params))], ends,
+                              bias, sampler=sampler) for sampler in (None, library.sampler)]
+        assert torch.equal(*tokens)
+    assert not library.sampler.fits(logits, 2000, None)  # top-k past MAX_K (or off) stays with torch
+    assert not library.sampler.fits(logits.bfloat16(), 50, None)
