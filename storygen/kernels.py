@@ -22,8 +22,8 @@
   nine per layer; the result is bit for bit the same.
 - Sampling's costly half (csrc/sample.c): the repetition penalty, the ending steer and each row's
   top-k candidates in one pass over the vocabulary, where torch took a nonzero() and a topk over it:
-  a decode step 8 % faster alone and 3 % at 16 rows; the values are torch's bit for bit, and
-  equal logits come in token order.
+  sample_next 338 -> 216 us a lone story's step in the worker, 1.5 -> 0.6 ms at 16 rows; the
+  values are torch's bit for bit, and equal logits come in token order.
 
 They are built the first time they are needed, with the machine's C compiler (`cc`, or $CC),
 for this very CPU (-march=native), into STORYGEN_CACHE_DIR/kernels under a name that hashes
