@@ -10,8 +10,9 @@ A graph replays fixed addresses and shapes, so the step it records is the lean d
 - Rows: a batch of B rows runs the graph of the next bucket of rows (1, 2, 4, 8, … up to the
   cap); the rows past B are padding, whose outputs are dropped.
 - The KV cache: the batch's layers are `PoolLayer`s, AppendLayers (kvcache.py) whose buffers
-  belong to this object, with rows for the whole cap, and stay put from batch to batch; they
-  are made again, with twice the columns, only when a batch outgrows them. A step reads
+  belong to this object and stay put from batch to batch; they are made again only when a batch
+  outgrows them: with the rows the engine makes room for (twice the running rows, up to the cap,
+  as for the eager step) and the columns rounded up to a power of two. A step reads
   columns [0, c) for the next bucket of columns c (64, 128, 256, …) with a mask that hides
   whatever is not the batch's, and writes its key and value at a column given as a tensor.
 - Inputs: the tokens, positions, mask and column are copied into fixed buffers before a replay.
@@ -112,7 +113,6 @@ class GraphedDecode:
              columns: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `index`'s buffers made again, with room for `rows` rows and `columns` columns at
         least; the graphs recorded on the old ones go."""
-        rows = max(rows, self.max_batch)
         columns = bucket(columns, MIN_COLUMNS)
         try:
             k, v = self._allocate(keys, values, rows, columns)
@@ -156,7 +156,10 @@ class GraphedDecode:
         for layer in layers:
             layer.extend(1)  # where there is no room, the buffers are made again (and the graphs go)
         start, column = first._start, first._start + T
-        rows, columns = bucket(B, 1, self.max_batch), bucket(column + 1, MIN_COLUMNS)
+        # The buffers have the rows the engine made room for (twice the batch's, up to the cap, as the eager
+        # step's): the bucket of rows, or all of them where that is fewer.
+        rows = min(bucket(B, 1, self.max_batch), first._k.shape[0])
+        columns = bucket(column + 1, MIN_COLUMNS)
         self._ids[:B] = tokens
         self._ids[B:rows] = 0
         self._positions[:B] = positions

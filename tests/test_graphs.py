@@ -78,7 +78,7 @@ def test_its_buffers_outlive_a_batch_and_grow_only_when_outgrown(lm):
     _stories(engine, params, PROMPTS[:4])
     keys = runner.buffers[0][0]
     columns = keys.shape[2]
-    assert keys.shape[0] == 4  # the cap's rows, from the first batch of one row
+    assert keys.shape[0] == 4  # room for twice the rows that ran (3 joined a story alone), up to the cap
     assert columns >= graphs.MIN_COLUMNS and columns & (columns - 1) == 0
     _stories(engine, params, PROMPTS[:4])  # a new batch on the same buffers
     assert runner.buffers[0][0] is keys
@@ -88,6 +88,29 @@ def test_its_buffers_outlive_a_batch_and_grow_only_when_outgrown(lm):
     assert _stories(engine, params, long) == want
     assert runner.buffers[0][0].shape[2] > columns
     assert all(k.shape == runner.buffers[0][0].shape for k, _ in runner.buffers)
+
+
+def test_its_rows_grow_with_the_batch_as_the_eager_steps_do(lm):
+    """Room for twice the running rows, up to the cap: a few stories on a GPU with a large model do not
+    hold the cap's rows of buffers."""
+    params = SamplingParams(length=30, greedy=True)
+    stories, rows = {}, []
+    for static in (False, True):
+        engine = Engine(lm, 16, static_decode=static)
+        seqs = [Sequence(f"s{i}", [5 + i, 6, 7], params) for i in range(6)]
+        engine.start(seqs[0])
+        engine.step()
+        if static:
+            rows.append(engine._graphs.buffers[0][0].shape[0])
+        engine.start_many(seqs[1:])
+        engine.step()
+        if static:
+            rows.append(engine._graphs.buffers[0][0].shape[0])
+        while engine.rows:
+            engine.step()
+        stories[static] = [seq.generated for seq in seqs]
+    assert rows == [2, 12]  # one story: room for two; six: room for twelve, not the cap's sixteen
+    assert stories[True] == stories[False]
 
 
 def test_columns_dropped_on_the_left_are_reclaimed_before_a_larger_bucket(lm):
