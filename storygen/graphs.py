@@ -21,9 +21,11 @@ inputs: a step writes the same keys and values wherever it runs, so the warm-up 
 capture needs change nothing. New buffers drop the graphs, to be recorded again.
 
 A new graph's first replay must agree with the step run without it. If a capture fails or
-disagrees, one warning is logged and the same static step runs without a graph from then on. On a CPU there is nothing to record and the static step runs as it is: the suite
-checks its arithmetic and bookkeeping there (tests/test_graphs.py), and
-benchmarks/device_check.py checks the replays on a GPU.
+disagrees, one warning is logged and the same static step runs without a graph from then on;
+if the buffers do not fit in memory, the engine's steps run eagerly from then on (`stop`).
+On a CPU there is nothing to record and the static step runs as it is: the suite checks its
+arithmetic and bookkeeping there (tests/test_graphs.py), and benchmarks/device_check.py checks
+the replays on a GPU.
 
 STORYGEN_CUDA_GRAPHS: auto (where the lean step serves a CUDA device), false.
 """
@@ -117,9 +119,9 @@ class GraphedDecode:
         try:
             k, v = self._allocate(keys, values, rows, columns)
         except torch.OutOfMemoryError:
-            # The eager step makes room for the rows it runs; these buffers take the whole cap's. The
-            # caller's step fails as any step out of memory does (the worker lowers its cap), and the
-            # steps after it run eagerly.
+            # Unlike the eager step's, these buffers hold every column up to a power of two, and the
+            # graphs' memory comes on top. The caller's step fails as any step out of memory does (the
+            # worker lowers its cap), and the steps after it run eagerly.
             self.stop(f"KV buffers for {rows} rows and {columns} columns do not fit in memory")
             raise
         self.buffers[index] = (k, v)
