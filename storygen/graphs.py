@@ -38,7 +38,7 @@ import torch
 from transformers import DynamicCache
 
 from storygen.decoder import LeanDecoder
-from storygen.kvcache import MIN_SPARE, AppendLayer
+from storygen.kvcache import AppendLayer
 
 logger = logging.getLogger(__name__)
 
@@ -70,22 +70,14 @@ class PoolLayer(AppendLayer):
         self._owner, self._index = owner, index
         self._k, self._v = owner.buffers[index]
 
-    def set(self, keys: torch.Tensor, values: torch.Tensor, spare: int = MIN_SPARE, rows: int = 0) -> None:
+    def _room(self, keys: torch.Tensor, values: torch.Tensor, rows: int,
+              columns: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not self._owner.active:  # the static step was stopped: a plain AppendLayer from now on
-            super().set(keys, values, spare, rows)
-            return
-        B, H, T, D = keys.shape
-        k, v = self._k, self._v
-        if k is None or k.shape[0] < max(rows, B) or k.shape[-2] < T + spare or k.dtype != keys.dtype:
-            k, v = self._owner.grow(self._index, keys, values, rows=max(rows, B), columns=T + spare)
-            self._k, self._v = k, v
-        keys, values = keys.clone(), values.clone()  # they may be views of these very buffers
-        k[:B, :, :T] = keys
-        v[:B, :, :T] = values
-        self._start = 0
-        self._view(B, T)
-        self.dtype, self.device = keys.dtype, keys.device
-        self.is_initialized = True
+            return super()._room(keys, values, rows, columns)
+        k = self._k
+        if k is None or k.shape[0] < rows or k.shape[-2] < columns or k.dtype != keys.dtype:
+            return self._owner.grow(self._index, keys, values, rows=rows, columns=columns)
+        return k, self._v
 
 
 class GraphedDecode:

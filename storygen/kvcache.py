@@ -41,9 +41,10 @@ class AppendLayer(DynamicLayer):
     def set(self, keys: torch.Tensor, values: torch.Tensor, spare: int = MIN_SPARE, rows: int = 0) -> None:
         """Replace the contents, leaving `spare` free positions after them and room for `rows` rows in all."""
         B, H, T, D = keys.shape
-        # Both made before either is kept: out of memory at the second leaves the layer as it was.
-        k = keys.new_empty(max(rows, B), H, T + spare, D)
-        v = values.new_empty(max(rows, B), H, T + spare, values.shape[-1])
+        # Both are made before either is kept: out of memory at the second leaves the layer as it was.
+        k, v = self._room(keys, values, max(rows, B), T + spare)
+        if k is self._k:  # kept buffers (a subclass's): the contents may be a view of them
+            keys, values = keys.clone(), values.clone()
         self._k, self._v = k, v
         self._k[:B, :, :T] = keys
         self._v[:B, :, :T] = values
@@ -51,6 +52,13 @@ class AppendLayer(DynamicLayer):
         self._view(B, T)
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
+
+    def _room(self, keys: torch.Tensor, values: torch.Tensor, rows: int,
+              columns: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Buffers of at least `rows` rows and `columns` columns for `set` to put keys and values like these in:
+        new ones here (graphs.PoolLayer keeps its own while they are big enough)."""
+        return (keys.new_empty(rows, keys.shape[1], columns, keys.shape[3]),
+                values.new_empty(rows, values.shape[1], columns, values.shape[3]))
 
     def _view(self, rows: int, length: int) -> None:
         start = self._start
