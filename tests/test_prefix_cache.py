@@ -185,11 +185,15 @@ def test_cache_prefix_computes_whole_blocks_in_pieces_and_then_nothing(tiny_lms)
     # The KV computed ahead is the KV a prompt computes itself: the story is the same.
     prompt = build_prompt(lm.spec, lm.tokenizer, get_genre("drama"), OPENINGS[0])
     cold = Engine(lm, 1)
+    stories = []
     for e in (engine, cold):
-        e.start_many([Sequence("s", prompt, PARAMS[0])])
+        seq = Sequence("s", prompt, PARAMS[0])
+        e.start_many([seq])
         while e.rows:
             e.step()
+        stories.append(seq.generated)
     assert engine.prefix_cache.hits >= len(ids) // block * block
+    assert stories[0] == stories[1] and stories[0]
 
 
 def _warm_config(lm, tmp_path, **changes):
