@@ -13,6 +13,8 @@ spot, in fp32 (exact comparisons) and in the device's half precision:
 - the lean step replayed as CUDA graphs (graphs.py, on by default where the lean step serves a GPU)
   writes the same stories as without them, and graphs were recorded (on a CPU: the static step
   they record, run as it is);
+- a decode step waits for the device once, to read the tokens it sampled, and once more when rows
+  leave, with and without graphs (on a CPU: the operations that would wait on a GPU, counted);
 - in bf16 (fp16 where the GPU lacks bf16) seeded stories are the same twice and every token is real;
 - the worker's default cap on this device (64 on a GPU), and it serves more requests than that at once.
 
@@ -28,6 +30,7 @@ import asyncio
 import sys
 import tempfile
 import traceback
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,6 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.launch_bench import DeviceWaits  # noqa: E402
 from storygen import model_thread  # noqa: E402
 from storygen.config import StorygenConfig  # noqa: E402
 from storygen.engine import Engine, Sequence  # noqa: E402
@@ -113,6 +117,47 @@ def check_cuda_graphs_change_nothing(lms: dict) -> None:
         assert runner.record and runner.captures > 0, f"no graph replayed (record {runner.record}, {runner.captures})"
 
 
+def waits_per_step(lm: LoadedModel, static: bool) -> list[tuple[int, int]]:
+    """(waits for the device, rows that left) at each step of a batch of 4 after the first 3. On a
+    GPU the waits are what torch's sync debug mode reports; elsewhere launch_bench.DeviceWaits counts the
+    operations that would wait on a GPU. Steps that recorded a CUDA graph are left out (recording waits)."""
+    engine = Engine(lm, 4, static_decode=static)
+    engine.sparse_penalty = False  # as on a GPU, on any device
+    for i, prompt in enumerate(PROMPTS[:4]):
+        # Lengths 6 to 21: rows leave at steps 5, 10 and 15 (one left for one wait more), unless they stop sooner.
+        engine.start(Sequence(f"w{i}", prompt, SamplingParams(length=6 + 5 * i, temperature=0.9, top_k=20, seed=i)))
+    counted = []
+    for step in range(18):
+        captures = engine._graphs.captures if engine._graphs is not None else 0
+        rows = len(engine.rows)
+        if lm.device.type == "cuda":
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    engine.step()
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+            waits = sum("synchroniz" in str(w.message) for w in caught)
+        else:
+            counter = DeviceWaits()
+            with counter:
+                engine.step()
+            waits = len(counter.where)
+        recorded = engine._graphs is not None and engine._graphs.captures != captures
+        if step >= 3 and not recorded:
+            counted.append((waits, rows - len(engine.rows)))
+    return counted
+
+
+def check_a_decode_step_waits_for_the_device_once(lms: dict) -> None:
+    for static in (False, True):
+        counted = model_thread.call(waits_per_step, lms["lean"], static)
+        # One wait to read the sampled tokens, and one more when rows leave (the mask's columns).
+        extra = [(waits, left) for waits, left in counted if waits > 1 + (left > 0)]
+        assert counted and not extra, f"static_decode={static}: (waits, rows that left) {extra} of {counted}"
+
+
 def check_half_precision_is_seeded_and_sane(lms: dict) -> None:
     lm = lms["half"]
     params = SamplingParams(length=16, temperature=0.9, top_k=40)
@@ -156,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
               f"torch {torch.__version__}, half precision {half}")
         checks = [check_batched_greedy_equals_alone, check_lean_forward_matches_transformers,
                   check_prefix_cache_changes_nothing, check_cuda_graphs_change_nothing,
+                  check_a_decode_step_waits_for_the_device_once,
                   check_half_precision_is_seeded_and_sane,
                   lambda lms: check_worker_cap_and_a_crowd(lms, config)]
         names = [c.__name__.removeprefix("check_") if hasattr(c, "__name__") and c.__name__ != "<lambda>"

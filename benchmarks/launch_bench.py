@@ -12,16 +12,24 @@ steps at N rows, and counts the torch operations each makes, views left out (the
 nothing). With graphs, what the static step does inside the graph is one replay; the count is
 everything else (the inputs copied into the graph's buffers, the sampling) plus that one.
 
+It also counts the times a step would make the host wait for a GPU (DeviceWaits): reading a
+value back, or copying a list over from pageable memory. One is needed, to read the tokens the step
+sampled; a row that leaves costs one more. Each other wait stops the host queuing the step's work
+until the GPU has caught up, and the GPU then idles while the host queues the rest.
+
 Prints `name: value` lines: per step, at each N, `ops_eager_N` (of which `ops_forward_eager_N`
-are the forward), `ops_graphed_N`, and `launch_ratio_N`, eager over graphed.
+are the forward), `ops_graphed_N`, `launch_ratio_N`, eager over graphed, and `waits_eager_N` and
+`waits_graphed_N`.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import with_model  # noqa: E402
-from storygen import model_thread  # noqa: E402
+from storygen import model_thread, transfer  # noqa: E402
 from storygen.config import StorygenConfig  # noqa: E402
 from storygen.engine import Engine, Sequence  # noqa: E402
 from storygen.genres import get_genre  # noqa: E402
@@ -41,7 +49,8 @@ from storygen.model import LoadedModel, load_model  # noqa: E402
 from storygen.prompts import build_prompt  # noqa: E402
 from storygen.sampling import SamplingParams  # noqa: E402
 
-STEPS = 3  # steps counted at each N, after two that are not
+STEPS = 3  # steps whose operations are counted at each N, after two that are not
+WAIT_STEPS = 32  # steps whose waits are counted after those: long enough for stories to end and rows to leave
 OPENINGS = [("drama", "Once upon a time, in a kingdom far away, there lived a curious girl who"),
             ("sci_fi", "After discovering time travel, the scientist"),
             ("thriller", "The detective opened the door of the old lighthouse and saw that the lamp had been"),
@@ -72,9 +81,73 @@ class OpCount(TorchDispatchMode):
         return counted
 
 
-def count(lm: LoadedModel, n: int, static: bool, prompts: list[list[int]]) -> tuple[float, float]:
-    """(operations per step, of which in the scope: the forward eagerly, the graph's static step with graphs)."""
+class DeviceWaits(TorchDispatchMode):
+    """Counts, on any device, the operations that would make the host wait for a GPU:
+
+    - reads of device values: `.tolist()`, `.item()`/`int()`/`bool()` (`_local_scalar_dense`),
+      `nonzero` and indexing with a boolean mask (both must count their result first);
+    - a Python list made a device tensor by plain `torch.tensor(..., device=...)`, a copy from pageable
+      memory that waits for the device (storygen/transfer.py). Made by `transfer.to_device`, it is queued
+      instead, and scalars (`x[i] = 0`) are filled on the device; neither counts.
+
+    `where` names the last storygen line of each.
+    """
+
+    READS = {"aten.nonzero.default", "aten.nonzero_numpy.default", "aten._local_scalar_dense.default",
+             "aten.masked_select.default"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.where: list[str] = []
+
+    def __enter__(self):
+        self._tolist = torch.Tensor.tolist
+        counter = self
+
+        def tolist(tensor):
+            counter._note()
+            return counter._tolist(tensor)
+
+        torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func)
+        if name in self.READS or (name.startswith("aten.index") and _has_mask(args)):
+            self._note()
+        elif name == "aten.lift_fresh.default" and out.dim() > 0 and not _inside(transfer.to_device):
+            self._note()
+        return out
+
+    def _note(self) -> None:
+        frames = [f for f in traceback.extract_stack() if f"{os.sep}storygen{os.sep}" in f.filename]
+        self.where.append(f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?")
+
+
+def _has_mask(args) -> bool:
+    indices = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
+
+
+def _inside(function) -> bool:
+    frame = sys._getframe()
+    while frame is not None:
+        if frame.f_code is function.__code__:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def count(lm: LoadedModel, n: int, static: bool, prompts: list[list[int]]) -> tuple[float, float, float]:
+    """(operations per step, of which in the scope: the forward eagerly, the graph's static step with graphs;
+    waits for the device per step)."""
     engine = Engine(lm, n, static_decode=static)
+    engine.sparse_penalty = False  # as on a GPU (sampling.penalise)
     params = SamplingParams(length=64, temperature=0.8, top_p=0.95, top_k=50, repetition_penalty=1.1)
     started = 0
 
@@ -100,7 +173,12 @@ def count(lm: LoadedModel, n: int, static: bool, prompts: list[list[int]]) -> tu
             engine.step()
         totals.append(counter.ops)
         scoped.append(counter.inside)
-    return statistics.mean(totals), statistics.mean(scoped)
+    waits = DeviceWaits()
+    for _ in range(WAIT_STEPS):
+        fill()
+        with waits:
+            engine.step()
+    return statistics.mean(totals), statistics.mean(scoped), len(waits.where) / WAIT_STEPS
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -118,12 +196,14 @@ def main(argv: list[str] | None = None) -> None:
         prompts = [build_prompt(lm.spec, lm.tokenizer, get_genre(genre), text, 64) for genre, text in OPENINGS]
         print(f"model {lm.name} ({lm.model.config.num_hidden_layers} layers) as a GPU runs it, counted on {lm.device}")
         for n in args.n:
-            eager, forward = model_thread.call(count, lm, n, False, prompts)
-            graphed, inside = model_thread.call(count, lm, n, True, prompts)
+            eager, forward, waits_eager = model_thread.call(count, lm, n, False, prompts)
+            graphed, inside, waits_graphed = model_thread.call(count, lm, n, True, prompts)
             print(f"ops_eager_{n}: {eager:.0f}")
             print(f"ops_forward_eager_{n}: {forward:.0f}")
             print(f"ops_graphed_{n}: {graphed - inside + 1:.0f} (the static step's {inside:.0f} in one replay)")
             print(f"launch_ratio_{n}: {eager / (graphed - inside + 1):.1f}")
+            print(f"waits_eager_{n}: {waits_eager:.1f}")
+            print(f"waits_graphed_{n}: {waits_graphed:.1f}")
 
 
 if __name__ == "__main__":

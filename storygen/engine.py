@@ -27,11 +27,12 @@ import torch
 from transformers import DynamicCache
 
 from storygen import graphs
-from storygen.kvcache import (AppendLayer, add_rows, cache_argument, keep_rows, new_cache, pad_left,
+from storygen.kvcache import (AppendLayer, add_rows, cache_argument, keep_rows, new_cache, pad_left, row_moves,
                               replace_layer, restore, truncate_layer)
 from storygen.model import LoadedModel
 from storygen.prefix_cache import PrefixCache
 from storygen.sampling import END_BOOST, RowKnobs, SamplingParams, ending_bias, sample_next
+from storygen.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +121,9 @@ class Engine:
         self._end_ids = torch.tensor(sorted(lm.end_ids), dtype=torch.long, device=lm.device)  # (E,) for the steer
         self._stop_ids = torch.tensor(sorted(lm.stop_ids), dtype=torch.long, device=lm.device)  # (S,)
         self._steer_index: SteerPairs | None = None  # the running batch's; None: rebuild at the next step
+        # The repetition penalty by `nonzero` over the seen tokens (a CPU), or a `where` over every logit,
+        # which on a GPU saves a wait for the device each step (sampling.penalise).
+        self.sparse_penalty = lm.device.type == "cpu"
 
     # --- admission and removal ---------------------------------------------------------------
 
@@ -199,7 +203,7 @@ class Engine:
         #    rows near the end of their length towards an ending.
         tokens = sample_next(logits, self._knobs, self._seen_or_none(), [s.generator for s in self.rows],
                              self._end_ids, self._end_bias(self.rows, self._knobs), inplace=True,
-                             sampler=self.lm.sampler)
+                             sampler=self.lm.sampler, sparse_penalty=self.sparse_penalty)
         # 3. Record it, and decide which rows are done.
         outputs = [self._record(seq, tok) for seq, tok in zip(self.rows, tokens.tolist())]
         self._steer_index.wrote(tokens)
@@ -233,7 +237,7 @@ class Engine:
             logits[steer.rows, steer.ids] += steer.todo * self.genre_steer
         empty = [i for i, seq in enumerate(seqs) if not seq.wrote]
         if empty and self._stop_ids.numel():
-            index = torch.tensor(empty, dtype=torch.long, device=logits.device)
+            index = to_device(empty, torch.long, logits.device)
             logits[index[:, None], self._stop_ids[None, :]] = float("-inf")
         return logits
 
@@ -242,7 +246,7 @@ class Engine:
         pairs = [] if self.genre_steer == 0 else [
             (i, t) for i, seq in enumerate(seqs) if seq.steer_ids
             for written in [set(seq.generated)] for t in seq.steer_ids if t not in written]
-        both = torch.tensor(pairs, dtype=torch.long, device=self.lm.device).reshape(-1, 2)  # (N, 2)
+        both = to_device(pairs, torch.long, self.lm.device).reshape(-1, 2)  # (N, 2)
         return SteerPairs(both[:, 0], both[:, 1], torch.ones(len(pairs), device=self.lm.device))
 
     def _end_bias(self, seqs: list[Sequence], knobs: RowKnobs) -> torch.Tensor | None:
@@ -253,8 +257,8 @@ class Engine:
         if not any(at_end):
             return None
         device = self.lm.device
-        generated = torch.tensor([len(seq.generated) for seq in seqs], dtype=torch.long, device=device)
-        return ending_bias(generated, knobs.length, torch.tensor(at_end, device=device))  # (B,)
+        generated = to_device([len(seq.generated) for seq in seqs], torch.long, device)
+        return ending_bias(generated, knobs.length, to_device(at_end, torch.bool, device))  # (B,)
 
     def _at_sentence_end(self, seq: Sequence) -> bool:
         """Whether the row's own text (not its prompt) ends a sentence, whitespace after it allowed."""
@@ -314,8 +318,8 @@ class Engine:
         cache, mask, cached = self._cached_prefixes(rows)  # mask: (G, P)
         rest = [r[n:] for r, n in zip(rows, cached)]
         S = max(map(len, rest))
-        input_ids = torch.tensor([[self.lm.pad_id] * (S - len(r)) + r for r in rest], device=device)  # (G, S)
-        mask = torch.cat([mask, torch.tensor([[0] * (S - len(r)) + [1] * len(r) for r in rest], device=device)],
+        input_ids = to_device([[self.lm.pad_id] * (S - len(r)) + r for r in rest], torch.long, device)  # (G, S)
+        mask = torch.cat([mask, to_device([[0] * (S - len(r)) + [1] * len(r) for r in rest], torch.long, device)],
                          dim=1)  # (G, P+S): 0 at padding, which sits between prefix and rest in some rows
         padded = not bool(mask.all())
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, -S:]  # (G, S): each row counts from 0 at its first token
@@ -328,20 +332,22 @@ class Engine:
                 layer.values.masked_fill_(~keep, 0)
         # 2. Sample each row's first token with its own settings, as a decode step would.
         seen = torch.zeros(G, self.lm.vocab_size, dtype=torch.bool, device=device)  # (G, V)
-        for g, r in enumerate(rows):  # the whole row, cached prefix included, and never the padding
-            seen[g, r] = True
+        # The whole row, cached prefix included, and never the padding.
+        seen[to_device([g for g, r in enumerate(rows) for _ in r], torch.long, device),
+             to_device([t for r in rows for t in r], torch.long, device)] = True
         seen[:, self._end_ids] = False  # the chat template's <|im_end|>: ending a story is no repetition
         knobs = RowKnobs.from_params([seq.params for seq in seqs], self.lm.vocab_size, device)
         penalise = any(seq.params.repetition_penalty != 1 for seq in seqs)
         logits = self._shape(last.float(), seqs, self._steer_pairs(seqs))  # (G, V), fp32 always
         tokens = sample_next(logits, knobs, seen if penalise else None, [s.generator for s in seqs],
-                             self._end_ids, self._end_bias(seqs, knobs), inplace=True, sampler=self.lm.sampler)
+                             self._end_ids, self._end_bias(seqs, knobs), inplace=True, sampler=self.lm.sampler,
+                             sparse_penalty=self.sparse_penalty)
         outputs = [self._record(seq, tok) for seq, tok in zip(seqs, tokens.tolist())]
         seen[torch.arange(G, device=device), tokens] = True
         # 3. Rows that go on join the running batch; one that stopped at once never does.
         going = [g for g, seq in enumerate(seqs) if not seq.done]
         if len(going) < G:
-            index = torch.tensor(going, device=device, dtype=torch.long)
+            index = to_device(going, torch.long, device)
             for layer in cache.layers:
                 replace_layer(layer, layer.keys[index], layer.values[index])
             mask, tokens, seen = mask[index], tokens[index], seen[index]
@@ -472,16 +478,19 @@ class Engine:
             self._padded = False
             return
         order = _fill_from_the_end(keep)
-        index = torch.tensor(order, device=self.lm.device)
+        index = to_device(order, torch.long, self.lm.device)
         self.rows = [self.rows[i] for i in order]
         self._mask, self._positions = self._mask[index], self._positions[index]
         self._next, self._seen = self._next[index], self._seen[index]
         self._set_knobs()
-        first = int(self._mask.any(dim=0).to(torch.int8).argmax())  # columns before it: padding in every row
+        # One read of the mask's columns (on a GPU, one wait): whether any row and whether every row attends.
+        some, every = torch.stack([self._mask.any(dim=0), self._mask.all(dim=0)]).tolist()  # (T,) each
+        first = some.index(True) if True in some else 0  # columns before it: padding in every row
         self._mask = self._mask[:, first:]
+        moves = row_moves(order, self.lm.device)
         for layer in self._cache.layers:
-            keep_rows(layer, order, first)
-        self._padded = not bool(self._mask.all())
+            keep_rows(layer, order, first, moves)
+        self._padded = not all(every[first:])
 
     def _set_knobs(self) -> None:
         self._steer_index = None  # the rows changed: rebuilt at the next step

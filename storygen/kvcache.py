@@ -26,6 +26,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from storygen.transfer import to_device
+
 MIN_SPARE = 64  # positions of room added when a buffer is (re)made
 
 
@@ -91,19 +93,18 @@ class AppendLayer(DynamicLayer):
         if self.get_seq_length() > 0:
             self.set(self.keys[indices], self.values[indices])
 
-    def keep_rows(self, order: list[int], first: int) -> None:
+    def keep_rows(self, order: list[int], first: int, moves: RowMoves | None = None) -> None:
         """Keep the rows `order` (old indices, in that order) without their first `first` columns.
 
         order[p] is p, or a row at len(order) or later that moves into a leaver's place: only the
-        rows that move are copied, and the dropped columns are only skipped."""
+        rows that move are copied, and the dropped columns are only skipped. moves: `row_moves(order)`,
+        made once for all the layers."""
+        if moves is None:
+            moves = row_moves(order, self._k.device)
         B, T = len(order), self.keys.shape[-2] - first
         self._start += first
-        moves = [(p, old) for p, old in enumerate(order) if old != p]
-        if any(old < B for _, old in moves):
-            raise ValueError(f"keep_rows: a row moves from inside the kept batch ({order})")
-        if moves:
-            to = torch.tensor([p for p, _ in moves], device=self._k.device)
-            come = torch.tensor([old for _, old in moves], device=self._k.device)
+        if moves is not None:
+            to, come = moves
             for buffer in (self._k, self._v):
                 columns = buffer[:, :, self._start:self._start + T]
                 columns[to] = columns[come]
@@ -166,12 +167,26 @@ def truncate_layer(layer: DynamicLayer, length: int) -> None:
         layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
 
 
-def keep_rows(layer: DynamicLayer, order: list[int], first: int) -> None:
-    """Keep a layer's rows `order` (AppendLayer.keep_rows says which orders) without their first `first` columns."""
+RowMoves = tuple[torch.Tensor, torch.Tensor]  # (M,) places, (M,) the rows that move into them
+
+
+def row_moves(order: list[int], device: torch.device) -> RowMoves | None:
+    """The rows of `order` that move (AppendLayer.keep_rows), as index tensors on `device`, or None."""
+    moves = [(p, old) for p, old in enumerate(order) if old != p]
+    if any(old < len(order) for _, old in moves):
+        raise ValueError(f"keep_rows: a row moves from inside the kept batch ({order})")
+    if not moves:
+        return None
+    return to_device([p for p, _ in moves], torch.long, device), to_device([old for _, old in moves], torch.long, device)
+
+
+def keep_rows(layer: DynamicLayer, order: list[int], first: int, moves: RowMoves | None = None) -> None:
+    """Keep a layer's rows `order` (AppendLayer.keep_rows says which orders) without their first `first` columns.
+    moves: `row_moves(order)`, made once for all the layers."""
     if isinstance(layer, AppendLayer):
-        layer.keep_rows(order, first)
+        layer.keep_rows(order, first, moves)
     else:
-        index = torch.tensor(order, device=layer.keys.device)
+        index = to_device(order, torch.long, layer.keys.device)
         layer.keys, layer.values = layer.keys[index, :, first:], layer.values[index, :, first:]
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import math
 import random
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 import torch
 
 from storygen.errors import SettingRangeError, UnknownSettingError
+from storygen.transfer import to_device
 
 if TYPE_CHECKING:
     from storygen.kernels import Sampler
@@ -150,28 +151,50 @@ class RowKnobs:
     penalty: torch.Tensor  # (B,) float
     greedy: torch.Tensor  # (B,) bool
     length: torch.Tensor  # (B,) long; the row's budget of new tokens, for ending_bias
-    # What sample_next decides on, read from the tensors once per batch rather than at every step: on a
-    # GPU each read waits for the device.
-    greedy_rows: tuple[bool, ...] = field(init=False)
-    max_top_k: int = field(init=False)
+    # What sample_next decides on, known on the host rather than read at every step: on a GPU each read
+    # waits for the device. from_params has them at hand; otherwise they are read from the tensors once.
+    greedy_rows: tuple[bool, ...] | None = None
+    max_top_k: int | None = None
 
     def __post_init__(self) -> None:
-        self.greedy_rows = tuple(self.greedy.tolist())
-        self.max_top_k = int(self.top_k.max()) if self.top_k.numel() else 0
+        if self.greedy_rows is None:
+            self.greedy_rows = tuple(self.greedy.tolist())
+        if self.max_top_k is None:
+            self.max_top_k = int(self.top_k.max()) if self.top_k.numel() else 0
 
     @classmethod
     def from_params(cls, params: list[SamplingParams], vocab: int, device: torch.device) -> RowKnobs:
         def col(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
+            return to_device(values, dtype, device)
 
+        top_k, greedy = [p.top_k if p.top_k > 0 else vocab for p in params], [p.is_greedy for p in params]
         return cls(
             temperature=col([1.0 if p.is_greedy else p.temperature for p in params], torch.float32),
-            top_k=col([p.top_k if p.top_k > 0 else vocab for p in params], torch.long),
+            top_k=col(top_k, torch.long),
             top_p=col([p.top_p for p in params], torch.float32),
             penalty=col([p.repetition_penalty for p in params], torch.float32),
-            greedy=col([p.is_greedy for p in params], torch.bool),
+            greedy=col(greedy, torch.bool),
             length=col([p.length for p in params], torch.long),
+            greedy_rows=tuple(greedy),
+            max_top_k=max(top_k, default=0),
         )
+
+
+def penalise(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor, sparse: bool) -> torch.Tensor:
+    """The repetition penalty (CTRL) on logits (B, V), in place where sparse: each row's seen tokens
+    (seen: (B, V) bool) shrink towards "less likely" by its factor (penalty: (B,)). Returns the logits.
+
+    sparse: only the seen tokens are touched, a few hundred a row, found by `nonzero`, which on a GPU
+    waits for the device to count them; dense: every logit passes through a `where`, the same values
+    with no wait. The CPU takes the sparse way, a GPU the dense one.
+    """
+    if sparse:
+        rows, cols = seen.nonzero(as_tuple=True)  # (N,), (N,)
+        values, factor = logits[rows, cols], penalty[rows]
+        logits[rows, cols] = torch.where(values > 0, values / factor, values * factor)
+        return logits
+    factor = penalty[:, None]  # (B, 1)
+    return torch.where(seen, torch.where(logits > 0, logits / factor, logits * factor), logits)
 
 
 def sample_next(
@@ -183,6 +206,7 @@ def sample_next(
     end_bias: torch.Tensor | None = None,
     inplace: bool = False,
     sampler: Sampler | None = None,
+    sparse_penalty: bool | None = None,
 ) -> torch.Tensor:
     """Pick one next token per row, each row with its own settings and random stream.
 
@@ -191,7 +215,7 @@ def sample_next(
     end_ids: (E,) long, the end-of-story tokens, each once; end_bias: (B,) float, added to their
     logits (see ending_bias), or None. inplace: fp32 `logits` may be changed (the caller is done
     with them), which saves a copy. sampler: our C kernel for steps 1-3 on a CPU (kernels.Sampler),
-    or None. Returns (B,) token ids. The order of the steps is the order `generate` uses, with the
+    or None. sparse_penalty: how `penalise` goes about it; None: sparse on a CPU, dense elsewhere. Returns (B,) token ids. The order of the steps is the order `generate` uses, with the
     ending steer after the penalty.
 
     Each step touches only what it changes: a row has a few hundred seen tokens of a vocabulary of
@@ -218,9 +242,8 @@ def sample_next(
             logits = logits.clone()
         # 1. Repetition penalty (CTRL): seen tokens' logits shrink towards "less likely" by the row's factor.
         if seen is not None:
-            rows, cols = seen.nonzero(as_tuple=True)  # (N,), (N,)
-            values, penalty = logits[rows, cols], knobs.penalty[rows]
-            logits[rows, cols] = torch.where(values > 0, values / penalty, values * penalty)
+            sparse = logits.device.type == "cpu" if sparse_penalty is None else sparse_penalty
+            logits = penalise(logits, seen, knobs.penalty, sparse)
         # 1b. Steer towards an ending: each row's end-of-story logits rise by its own bias.
         if steer:
             logits[:, end_ids] += end_bias[:, None]
@@ -244,8 +267,8 @@ def sample_next(
     #    The generators are Python's, on the host whatever the device: a draw from a torch generator
     #    is an operation (on a GPU a kernel launch) per row, 123 us a step at 64 rows here, where
     #    these take 10 us and one copy of (B,) floats.
-    draws = torch.tensor([0.0 if is_greedy else gen.random() for is_greedy, gen in zip(knobs.greedy_rows, generators)],
-                         dtype=torch.float32, device=logits.device)  # (B,) in [0, 1)
+    draws = to_device([0.0 if is_greedy else gen.random() for is_greedy, gen in zip(knobs.greedy_rows, generators)],
+                      torch.float32, logits.device)  # (B,) in [0, 1)
     cdf = torch.cumsum(probs, dim=-1)  # (B, K); the last column is the mass top-p kept
     choice = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True)  # (B, 1)
     sampled = cand_ids.gather(-1, choice.clamp(max=cand_ids.shape[-1] - 1)).squeeze(-1)  # (B,)

@@ -204,7 +204,7 @@ def test_device_check_passes_on_this_cpu():
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()
-    assert lines[-1] == "device_check: ok" and sum(line.endswith(": ok") for line in lines) == 7
+    assert lines[-1] == "device_check: ok" and sum(line.endswith(": ok") for line in lines) == 8
 
 
 def test_random_model_gives_a_skeleton_weights_that_load(tmp_path):
@@ -274,8 +274,11 @@ def test_launch_bench_smoke_run():
     assert result.returncode == 0, result.stderr[-2000:]
     figures = dict(line.split(": ", 1) for line in result.stdout.strip().splitlines()[1:])
     assert set(figures) == {f"{name}_{n}" for n in (4, 1)
-                            for name in ("ops_eager", "ops_forward_eager", "ops_graphed", "launch_ratio")}
+                            for name in ("ops_eager", "ops_forward_eager", "ops_graphed", "launch_ratio",
+                                         "waits_eager", "waits_graphed")}
     for n in (4, 1):  # the tiny model has 2 layers, so its graph saves less than the default's 30 do
         eager, graphed = int(figures[f"ops_eager_{n}"]), int(figures[f"ops_graphed_{n}"].split()[0])
         assert 0 < graphed < eager and 0 < int(figures[f"ops_forward_eager_{n}"]) < eager
         assert float(figures[f"launch_ratio_{n}"]) == pytest.approx(eager / graphed, abs=0.06)
+        # One wait a step to read the tokens, one more for each step a row left in (at most each step).
+        assert 1 <= float(figures[f"waits_eager_{n}"]) <= 2 and 1 <= float(figures[f"waits_graphed_{n}"]) <= 2

@@ -5,7 +5,7 @@ import torch
 
 from storygen.errors import SettingRangeError, UnknownSettingError
 from storygen.sampling import (
-    END_BOOST, RowKnobs, SamplingLimits, SamplingParams, ending_bias, parse_setting, sample_next, validate,
+    END_BOOST, RowKnobs, SamplingLimits, SamplingParams, ending_bias, parse_setting, penalise, sample_next, validate,
 )
 
 LIMITS = SamplingLimits()
@@ -152,7 +152,8 @@ def _dense_reference(logits, knobs, seen, gens, end_ids, end_bias):
 
 
 @pytest.mark.parametrize("inplace", [False, True])
-def test_the_sparse_sampler_draws_what_the_dense_one_did_and_leaves_the_logits_alone_unless_told(inplace):
+@pytest.mark.parametrize("sparse", [True, False])
+def test_the_sparse_sampler_draws_what_the_dense_one_did_and_leaves_the_logits_alone_unless_told(inplace, sparse):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(6, 500, generator=g) * 3
     seen = torch.rand(6, 500, generator=g) < 0.05
@@ -165,7 +166,29 @@ def test_the_sparse_sampler_draws_what_the_dense_one_did_and_leaves_the_logits_a
     for step in range(25):
         before = logits.clone()
         want = _dense_reference(logits, knobs, seen, _gens(6, step), ends, bias)
-        got = sample_next(logits, knobs, seen, _gens(6, step), ends, bias, inplace=inplace)
+        got = sample_next(logits, knobs, seen, _gens(6, step), ends, bias, inplace=inplace, sparse_penalty=sparse)
         assert got.tolist() == want.tolist()
-        assert torch.equal(logits, before) != inplace  # inplace: the penalty and the steer were applied to them
+        if sparse:  # inplace: the penalty and the steer were applied to them
+            assert torch.equal(logits, before) != inplace
+        else:  # the dense penalty makes new logits whether or not it may change these
+            assert torch.equal(logits, before)
         logits = torch.randn(6, 500, generator=g) * 3
+
+
+def test_the_dense_penalty_gives_the_sparse_ones_values_bit_for_bit():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(5, 300, generator=g) * 4  # both signs: divided above zero, multiplied below
+    seen = torch.rand(5, 300, generator=g) < 0.1
+    penalty = torch.tensor([1.0, 1.1, 1.5, 2.0, 1.3])
+    dense = penalise(logits.clone(), seen, penalty, sparse=False)
+    sparse = penalise(logits.clone(), seen, penalty, sparse=True)
+    assert torch.equal(dense, sparse)
+    assert torch.equal(dense[~seen], logits[~seen]) and not torch.equal(dense[seen], logits[seen])
+
+
+def test_knobs_know_on_the_host_what_sampling_decides_on():
+    params = [SamplingParams(top_k=7), SamplingParams(greedy=True, top_k=0), SamplingParams(temperature=0, top_k=3)]
+    knobs = _knobs(*params)
+    read = RowKnobs(knobs.temperature, knobs.top_k, knobs.top_p, knobs.penalty, knobs.greedy, knobs.length)
+    assert knobs.greedy_rows == read.greedy_rows == (False, True, True)
+    assert knobs.max_top_k == read.max_top_k == 50  # top_k 0 is the whole vocabulary of 50
