@@ -3,9 +3,11 @@
 - stories: each finished story with the command that made it, so Continue and
   Regenerate buttons still work after a restart;
 - server settings: per Discord guild or Slack workspace, set by its admins;
-- messages in flight: where a story is being written (a Slack channel and message ts),
-  so that after a crash the next start can mark it interrupted instead of leaving
-  "writing…" there for good.
+- messages in flight: where a story is being written (a Slack channel and message ts; a
+  Discord channel and message id, with the interaction's token while it lasts, 15 minutes,
+  since only that token may edit the interaction's own message), so that after a crash
+  the next start can mark it interrupted instead of leaving "writing…" there for good.
+  A row goes when its story ends.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class InFlight:
     messages: tuple[str, ...]  # the platform's ids of the messages showing it (Slack: their ts)
     user_key: str
     text: str  # what they showed last
+    details: dict[str, object] = field(default_factory=dict)  # what else the platform needs to edit them
 
 
 def open_db(path: Path | str) -> sqlite3.Connection:
@@ -85,6 +88,8 @@ class BotState:
             " channel TEXT NOT NULL, messages TEXT NOT NULL, user_key TEXT NOT NULL, text TEXT NOT NULL,"
             " updated_at REAL NOT NULL)"
         )
+        if "details" not in {row[1] for row in self._db.execute("PRAGMA table_info(in_flight)")}:  # before 2026-12-07
+            self._db.execute("ALTER TABLE in_flight ADD COLUMN details TEXT NOT NULL DEFAULT '{}'")
 
     def close(self) -> None:
         with self._lock:
@@ -137,11 +142,13 @@ class BotState:
     # --- messages in flight ---------------------------------------------------------------------
 
     def track(self, request_id: str, platform: str, channel: str, messages: list[str], user_key: str,
-              text: str) -> None:
+              text: str, details: dict[str, object] | None = None) -> None:
         """A story is on screen in `messages` of `channel`, showing `text`, and still being written."""
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO in_flight VALUES (?, ?, ?, ?, ?, ?, ?)",
-                             (request_id, platform, channel, json.dumps(messages), user_key, text, time.time()))
+            self._db.execute("INSERT OR REPLACE INTO in_flight (request_id, platform, channel, messages, user_key,"
+                             " text, updated_at, details) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                             (request_id, platform, channel, json.dumps(messages), user_key, text, time.time(),
+                              json.dumps(details or {})))
 
     def untrack(self, request_id: str) -> None:
         with self._lock:
@@ -150,9 +157,10 @@ class BotState:
     def in_flight(self, platform: str) -> list[InFlight]:
         """Messages a previous run left mid-story (it stopped without saying how they ended)."""
         with self._lock:
-            rows = self._db.execute("SELECT request_id, channel, messages, user_key, text FROM in_flight"
+            rows = self._db.execute("SELECT request_id, channel, messages, user_key, text, details FROM in_flight"
                                     " WHERE platform = ? ORDER BY updated_at", (platform,)).fetchall()
-        return [InFlight(rid, channel, tuple(json.loads(ids)), user, text) for rid, channel, ids, user, text in rows]
+        return [InFlight(rid, channel, tuple(json.loads(ids)), user, text, json.loads(details))
+                for rid, channel, ids, user, text, details in rows]
 
 
 def _to_story(row: tuple | None) -> StoredStory | None:

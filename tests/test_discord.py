@@ -541,6 +541,82 @@ async def test_stopping_the_bot_says_so_in_unfinished_stories(fake_discord, scri
     assert custom_ids(last.json) == []
 
 
+@contextlib.asynccontextmanager
+async def restarted(front: DiscordFrontEnd):
+    """The front-end started again on the same state, as the next process would start it after a crash. One
+    process holds one worker, so here the new front-end shares the old one's, which lives on."""
+    again = DiscordFrontEnd(front.service, front.config, token_ttl_s=front.token_ttl_s, guild_ready_timeout=0.05)
+    await again.start()
+    try:
+        yield again
+    finally:
+        await again.stop()
+
+
+async def test_a_story_cut_off_by_a_crash_is_marked_interrupted_at_the_next_start(fake_discord, scripted_lm, model,
+                                                                                 tmp_path):
+    async with storybot(fake_discord, scripted_lm, tmp_path) as first:
+        state = first.service.state
+        model.hold()
+        payload = await run(fake_discord, "story", {"genre": "drama", "prompt": "Unfinished"})
+        await fake_discord.wait_for(lambda r: story_message(r, payload, "story:cancel:"))
+        [left] = state.in_flight("discord")
+        original = fake_discord.original_message(payload)
+        assert left.messages == (original["id"],) and left.text == "Unfinished"
+        assert left.details["token"] == payload["token"] and left.details["genre"] == "drama"
+
+        # The process dies here (kill -9): nothing edits the message. The next start finds it.
+        async with restarted(first):
+            marked = await fake_discord.wait_for(lambda r: r.route == EDIT and payload["token"] in r.path
+                                                 and r.params["message_id"] == original["id"])
+            assert state.in_flight("discord") == []  # marked once, not at every start
+        assert marked.json["content"] == "⚠️ the bot restarted before your story was finished; please ask again"
+        assert marked.json["embeds"][0]["description"] == "Unfinished" and custom_ids(marked.json) == []
+        assert marked.json["allowed_mentions"] == {"parse": []}
+        model.release()  # (in this test the "dead" bot is alive, and finishes)
+        await finished(fake_discord, payload)
+        for _ in range(100):  # a story that ends is no longer kept (just after its last edit)
+            if not state.in_flight("discord"):
+                break
+            await asyncio.sleep(0.02)
+        assert state.in_flight("discord") == []
+
+
+async def test_after_a_crash_a_story_moved_to_the_channel_is_marked_there(fake_discord, scripted_lm, model, tmp_path):
+    async with storybot(fake_discord, scripted_lm, tmp_path, token_ttl_s=0.3) as first:
+        model.hold()
+        payload = await run(fake_discord, "story", {"genre": "horror", "prompt": "Slow"})
+        post = await fake_discord.wait_for(lambda r: r.route == CHANNEL_POST)
+        [left] = first.service.state.in_flight("discord")
+        assert left.messages == (post.response["id"],) and "token" not in left.details
+        async with restarted(first):
+            marked = await fake_discord.wait_for(lambda r: r.route == CHANNEL_EDIT
+                                                 and r.params["message_id"] == post.response["id"])
+        model.release()
+    alice = fake_discord.user["id"]
+    assert marked.json["content"] == (f"Story for <@{alice}>\n"
+                                      "⚠️ the bot restarted before your story was finished; please ask again")
+    assert marked.json["embeds"][0]["description"] == "Slow" and marked.json["allowed_mentions"] == {"parse": []}
+    assert payload["token"] not in marked.path
+
+
+async def test_after_a_crash_a_story_whose_token_expired_is_forgotten(fake_discord, scripted_lm, model, tmp_path):
+    async with storybot(fake_discord, scripted_lm, tmp_path) as first:
+        state = first.service.state
+        model.hold()
+        payload = await run(fake_discord, "story", {"genre": "drama", "prompt": "Late"})
+        await fake_discord.wait_for(lambda r: story_message(r, payload, "story:cancel:"))
+        [left] = state.in_flight("discord")
+        # The restart comes after the token's 15 minutes: its message can no longer be edited.
+        state.track(left.request_id, "discord", left.channel, list(left.messages), left.user_key, left.text,
+                    {**left.details, "token_expires": time.time() - 1})
+        async with restarted(first):
+            assert state.in_flight("discord") == []  # forgotten, not tried at every start
+        model.release()
+        await finished(fake_discord, payload)
+    assert not [r for r in fake_discord.requests if r.route == EDIT and r.params["message_id"] == left.messages[0]]
+
+
 async def test_python_m_bot_serves_discord_from_the_environment(fake_discord, scripted_lm, model, tmp_path,
                                                                 monkeypatch):
     from bot import __main__ as entry

@@ -100,9 +100,28 @@ def test_messages_in_flight_survive_a_restart_until_untracked(tmp_path):
     state = BotState(tmp_path / "bot.sqlite3")
     state.track("r1", "slack", "C1", ["1.1", "1.2"], "slack:T:U", "Once upon")
     state.track("r1", "slack", "C1", ["1.1", "1.2"], "slack:T:U", "Once upon a time")  # a later edit
-    state.track("r2", "discord", "c9", ["m"], "discord:g:u", "Far away")
+    state.track("r2", "discord", "c9", ["m"], "discord:g:u", "Far away", {"genre": "drama", "token": "t"})
     state.close()
     again = BotState(tmp_path / "bot.sqlite3")
     assert again.in_flight("slack") == [InFlight("r1", "C1", ("1.1", "1.2"), "slack:T:U", "Once upon a time")]
     again.untrack("r1")
-    assert again.in_flight("slack") == [] and len(again.in_flight("discord")) == 1
+    assert again.in_flight("slack") == []
+    assert again.in_flight("discord") == [InFlight("r2", "c9", ("m",), "discord:g:u", "Far away",
+                                                   {"genre": "drama", "token": "t"})]
+
+
+def test_a_state_file_from_before_in_flight_details_is_brought_up_to_date(tmp_path):
+    import sqlite3
+
+    from bot.state import BotState, InFlight
+
+    old = sqlite3.connect(tmp_path / "bot.sqlite3")
+    old.execute("CREATE TABLE in_flight (request_id TEXT PRIMARY KEY, platform TEXT NOT NULL, channel TEXT NOT NULL,"
+                " messages TEXT NOT NULL, user_key TEXT NOT NULL, text TEXT NOT NULL, updated_at REAL NOT NULL)")
+    old.execute("INSERT INTO in_flight VALUES ('r1', 'slack', 'C1', '[\"1.1\"]', 'slack:T:U', 'Once', 0)")
+    old.commit()
+    old.close()
+    state = BotState(tmp_path / "bot.sqlite3")
+    assert state.in_flight("slack") == [InFlight("r1", "C1", ("1.1",), "slack:T:U", "Once")]
+    state.track("r2", "discord", "c9", ["m"], "discord:g:u", "Far", {"moved": True})
+    assert state.in_flight("discord")[0].details == {"moved": True}

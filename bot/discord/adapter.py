@@ -26,7 +26,7 @@ from bot.commands import (AdminCommand, Command, CommandError, SettingsCommand, 
                           parse_command_text)
 from bot.config import DISCORD_API, DISCORD_GATEWAY, SHARDS_AUTO, BotConfig
 from bot.discord.commands import add_commands, add_storytime_commands
-from bot.discord.delivery import TOKEN_TTL_S, StoryDelivery
+from bot.discord.delivery import TOKEN_TTL_S, StoryDelivery, mark_interrupted
 from bot.discord.endpoints import point_discord_at
 from bot.discord.render import NO_MENTIONS, StoryButton, to_discord_line
 from bot.discord.storytime import DiscordStorytime, DiscordSurface, StorytimeVote
@@ -214,6 +214,7 @@ class DiscordFrontEnd:
             raise error or RuntimeError("the Discord client stopped during start-up")
         if not self.client.is_ready():
             logger.warning("Discord: not ready after %.0f s; still trying in the background", START_TIMEOUT_S)
+        await mark_interrupted(self.client, self.service.state)  # over REST: the gateway need not be up
         if self.storytime is not None:  # sessions a restart left open carry on (over REST: no cache needed)
             self.storytime.storytime.attach("discord", DiscordSurface(self.client, self.config.stream_interval_s))
             await self.storytime.storytime.resume("discord")
@@ -277,7 +278,8 @@ class DiscordFrontEnd:
             return
         delivery = StoryDelivery(interaction, started, on_done=lambda story: self.service.record(ctx, started, story),
                                  max_prompt_chars=self.service.config.max_prompt_chars,
-                                 interval=self.config.stream_interval_s, token_ttl_s=self.token_ttl_s)
+                                 interval=self.config.stream_interval_s, token_ttl_s=self.token_ttl_s,
+                                 state=self.service.state)
         task = asyncio.create_task(delivery.run(), name=f"discord-story-{started.request.request_id}")
         self._deliveries.add(task)
         task.add_done_callback(self._delivered)
