@@ -553,14 +553,24 @@ async def restarted(front: DiscordFrontEnd):
         await again.stop()
 
 
+async def held_story(fake, front, model, prompt, *, shown=lambda r, payload: story_message(r, payload, "story:cancel:"),
+                     kept=lambda left: True):
+    """A story the model holds mid-way, once its message shows it: its payload and its in-flight row, once `kept`."""
+    model.hold()
+    payload = await run(fake, "story", {"genre": "drama", "prompt": prompt})
+    await fake.wait_for(lambda r: shown(r, payload))
+    for _ in range(250):  # the row is written just after Discord answers the edit
+        if (left := front.service.state.in_flight("discord")) and kept(left[0]):
+            return payload, left[0]
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"the story's message was never kept in the state as expected: {left}")
+
+
 async def test_a_story_cut_off_by_a_crash_is_marked_interrupted_at_the_next_start(fake_discord, scripted_lm, model,
                                                                                  tmp_path):
     async with storybot(fake_discord, scripted_lm, tmp_path) as first:
         state = first.service.state
-        model.hold()
-        payload = await run(fake_discord, "story", {"genre": "drama", "prompt": "Unfinished"})
-        await fake_discord.wait_for(lambda r: story_message(r, payload, "story:cancel:"))
-        [left] = state.in_flight("discord")
+        payload, left = await held_story(fake_discord, first, model, "Unfinished")
         original = fake_discord.original_message(payload)
         assert left.messages == (original["id"],) and left.text == "Unfinished"
         assert left.details["token"] == payload["token"] and left.details["genre"] == "drama"
@@ -584,10 +594,9 @@ async def test_a_story_cut_off_by_a_crash_is_marked_interrupted_at_the_next_star
 
 async def test_after_a_crash_a_story_moved_to_the_channel_is_marked_there(fake_discord, scripted_lm, model, tmp_path):
     async with storybot(fake_discord, scripted_lm, tmp_path, token_ttl_s=0.3) as first:
-        model.hold()
-        payload = await run(fake_discord, "story", {"genre": "horror", "prompt": "Slow"})
-        post = await fake_discord.wait_for(lambda r: r.route == CHANNEL_POST)
-        [left] = first.service.state.in_flight("discord")
+        payload, left = await held_story(fake_discord, first, model, "Slow", shown=lambda r, _: r.route == CHANNEL_POST,
+                                         kept=lambda left: left.details.get("moved"))
+        post = next(r for r in fake_discord.requests if r.route == CHANNEL_POST)
         assert left.messages == (post.response["id"],) and "token" not in left.details
         async with restarted(first):
             marked = await fake_discord.wait_for(lambda r: r.route == CHANNEL_EDIT
@@ -603,10 +612,7 @@ async def test_after_a_crash_a_story_moved_to_the_channel_is_marked_there(fake_d
 async def test_after_a_crash_a_story_whose_token_expired_is_forgotten(fake_discord, scripted_lm, model, tmp_path):
     async with storybot(fake_discord, scripted_lm, tmp_path) as first:
         state = first.service.state
-        model.hold()
-        payload = await run(fake_discord, "story", {"genre": "drama", "prompt": "Late"})
-        await fake_discord.wait_for(lambda r: story_message(r, payload, "story:cancel:"))
-        [left] = state.in_flight("discord")
+        payload, left = await held_story(fake_discord, first, model, "Late")
         # The restart comes after the token's 15 minutes: its message can no longer be edited.
         state.track(left.request_id, "discord", left.channel, list(left.messages), left.user_key, left.text,
                     {**left.details, "token_expires": time.time() - 1})
