@@ -27,7 +27,7 @@ import torch
 from transformers import DynamicCache
 
 from storygen import graphs
-from storygen.kvcache import (AppendLayer, add_rows, cache_argument, keep_rows, new_cache, pad_left, row_moves,
+from storygen.kvcache import (AppendLayer, add_rows, cache_argument, keep_rows, new_cache, pad_left,
                               replace_layer, restore, truncate_layer)
 from storygen.model import LoadedModel
 from storygen.prefix_cache import PrefixCache
@@ -198,12 +198,19 @@ class Engine:
         # 1. Feed each row the token it sampled last, at its own position.
         if self._steer_index is None:
             self._steer_index = self._steer_pairs(self.rows)
-        logits = self._shape(self._forward_decode(), self.rows, self._steer_index)  # (B, V)
-        # 2. Sample the next token of every row with that row's settings and generator, steering
-        #    rows near the end of their length towards an ending.
-        tokens = sample_next(logits, self._knobs, self._seen_or_none(), [s.generator for s in self.rows],
-                             self._end_ids, self._end_bias(self.rows, self._knobs), inplace=True,
-                             sampler=self.lm.sampler, sparse_penalty=self.sparse_penalty)
+        width, length = self._mask.shape[1], self._cache.get_seq_length()
+        try:
+            logits = self._shape(self._forward_decode(), self.rows, self._steer_index)  # (B, V)
+            # 2. Sample the next token of every row with that row's settings and generator, steering
+            #    rows near the end of their length towards an ending.
+            tokens = sample_next(logits, self._knobs, self._seen_or_none(), [s.generator for s in self.rows],
+                                 self._end_ids, self._end_bias(self.rows, self._knobs), inplace=True,
+                                 sampler=self.lm.sampler, sparse_penalty=self.sparse_penalty)
+        except BaseException:  # out of memory, say: the batch is as it was before the step, to run it again
+            self._mask = self._mask[:, :width]
+            self._crop(length)  # the layers that grew give their column back
+            raise
+        self._positions = self._positions + 1
         # 3. Record it, and decide which rows are done.
         outputs = [self._record(seq, tok) for seq, tok in zip(self.rows, tokens.tolist())]
         self._steer_index.wrote(tokens)
@@ -268,21 +275,14 @@ class Engine:
         return False
 
     def _forward_decode(self) -> torch.Tensor:
+        """The forward of a decode step: the mask and the cache grow by a column (step undoes it on a failure)."""
         B = len(self.rows)
         self._mask = torch.cat([self._mask, self._mask.new_ones(B, 1)], dim=1)  # (B, T+1)
-        length = self._cache.get_seq_length()
-        try:
-            if self._graphs is not None and self._graphs.active:
-                logits = self._graphs.step(self._next, self._positions, self._mask if self._padded else None,
-                                           self._cache)
-            else:  # rows sit at different positions: (B, 1) each
-                logits = self._forward(self._next[:, None], self._positions[:, None], self._cache,
-                                       self._mask if self._padded else None)
-        except BaseException:
-            self._mask = self._mask[:, :-1]
-            self._crop(length)  # layers that already grew roll back, so the batch stays consistent
-            raise
-        self._positions = self._positions + 1
+        if self._graphs is not None and self._graphs.active:
+            logits = self._graphs.step(self._next, self._positions, self._mask if self._padded else None, self._cache)
+        else:  # rows sit at different positions: (B, 1) each
+            logits = self._forward(self._next[:, None], self._positions[:, None], self._cache,
+                                   self._mask if self._padded else None)
         return logits.float()  # (B, V); sampling's softmax and top-p sums want fp32, not bf16
 
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache,
@@ -478,24 +478,30 @@ class Engine:
             self._padded = False
             return
         order = _fill_from_the_end(keep)
-        index = to_device(order, torch.long, self.lm.device)
-        self.rows = [self.rows[i] for i in order]
-        self._mask, self._positions = self._mask[index], self._positions[index]
-        self._next, self._seen = self._next[index], self._seen[index]
-        self._set_knobs()
+        self._set_knobs([self.rows[i] for i in order])  # before anything moves: its tensors are the one allocation
+        # The rest is done in place, making no tensor the size of the batch: out of memory half-way through
+        # would leave the step's rows half-moved, and their tokens unsaid.
+        B = len(order)
+        for place, old in enumerate(order):
+            if old != place:
+                for rows in (self._mask, self._positions, self._next, self._seen):
+                    rows[place] = rows[old]
+        self._mask, self._positions, self._next, self._seen = (
+            self._mask[:B], self._positions[:B], self._next[:B], self._seen[:B])
         # One read of the mask's columns (on a GPU, one wait): whether any row and whether every row attends.
         some, every = torch.stack([self._mask.any(dim=0), self._mask.all(dim=0)]).tolist()  # (T,) each
         first = some.index(True) if True in some else 0  # columns before it: padding in every row
         self._mask = self._mask[:, first:]
-        moves = row_moves(order, self.lm.device)
         for layer in self._cache.layers:
-            keep_rows(layer, order, first, moves)
+            keep_rows(layer, order, first)
         self._padded = not all(every[first:])
 
-    def _set_knobs(self) -> None:
-        self._steer_index = None  # the rows changed: rebuilt at the next step
-        self._knobs = RowKnobs.from_params([s.params for s in self.rows], self.lm.vocab_size, self.lm.device)
-        self._penalise = any(s.params.repetition_penalty != 1 for s in self.rows)
+    def _set_knobs(self, rows: list[Sequence] | None = None) -> None:
+        """The batch's rows are `rows` (default: as they are): their settings as tensors for sampling."""
+        rows = self.rows if rows is None else rows
+        knobs = RowKnobs.from_params([s.params for s in rows], self.lm.vocab_size, self.lm.device)
+        self.rows, self._knobs, self._steer_index = rows, knobs, None  # the steer's pairs: rebuilt at the next step
+        self._penalise = any(s.params.repetition_penalty != 1 for s in rows)
 
     def _crop(self, length: int) -> None:
         for layer in self._cache.layers:

@@ -93,21 +93,21 @@ class AppendLayer(DynamicLayer):
         if self.get_seq_length() > 0:
             self.set(self.keys[indices], self.values[indices])
 
-    def keep_rows(self, order: list[int], first: int, moves: RowMoves | None = None) -> None:
+    def keep_rows(self, order: list[int], first: int) -> None:
         """Keep the rows `order` (old indices, in that order) without their first `first` columns.
 
         order[p] is p, or a row at len(order) or later that moves into a leaver's place: only the
-        rows that move are copied, and the dropped columns are only skipped. moves: `row_moves(order)`,
-        made once for all the layers."""
-        if moves is None:
-            moves = row_moves(order, self._k.device)
+        rows that move are copied, each in place (nothing is allocated, so this cannot run out of
+        memory half-way), and the dropped columns are only skipped."""
         B, T = len(order), self.keys.shape[-2] - first
+        moves = [(p, old) for p, old in enumerate(order) if old != p]
+        if any(old < B for _, old in moves):
+            raise ValueError(f"keep_rows: a row moves from inside the kept batch ({order})")
         self._start += first
-        if moves is not None:
-            to, come = moves
-            for buffer in (self._k, self._v):
-                columns = buffer[:, :, self._start:self._start + T]
-                columns[to] = columns[come]
+        for buffer in (self._k, self._v):
+            columns = buffer[:, :, self._start:self._start + T]
+            for p, old in moves:
+                columns[p].copy_(columns[old])
         self._view(B, T)
 
     def add_rows(self, keys: torch.Tensor, values: torch.Tensor, rows: int = 0) -> None:
@@ -167,24 +167,10 @@ def truncate_layer(layer: DynamicLayer, length: int) -> None:
         layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
 
 
-RowMoves = tuple[torch.Tensor, torch.Tensor]  # (M,) places, (M,) the rows that move into them
-
-
-def row_moves(order: list[int], device: torch.device) -> RowMoves | None:
-    """The rows of `order` that move (AppendLayer.keep_rows), as index tensors on `device`, or None."""
-    moves = [(p, old) for p, old in enumerate(order) if old != p]
-    if any(old < len(order) for _, old in moves):
-        raise ValueError(f"keep_rows: a row moves from inside the kept batch ({order})")
-    if not moves:
-        return None
-    return to_device([p for p, _ in moves], torch.long, device), to_device([old for _, old in moves], torch.long, device)
-
-
-def keep_rows(layer: DynamicLayer, order: list[int], first: int, moves: RowMoves | None = None) -> None:
-    """Keep a layer's rows `order` (AppendLayer.keep_rows says which orders) without their first `first` columns.
-    moves: `row_moves(order)`, made once for all the layers."""
+def keep_rows(layer: DynamicLayer, order: list[int], first: int) -> None:
+    """Keep a layer's rows `order` (AppendLayer.keep_rows says which orders) without their first `first` columns."""
     if isinstance(layer, AppendLayer):
-        layer.keep_rows(order, first, moves)
+        layer.keep_rows(order, first)
     else:
         index = to_device(order, torch.long, layer.keys.device)
         layer.keys, layer.values = layer.keys[index, :, first:], layer.values[index, :, first:]

@@ -328,3 +328,61 @@ def test_running_out_of_memory_while_joining_leaves_the_batch_as_it_was(tiny_lms
         return a.generated, b.generated
 
     assert run(True) == run(False)
+
+
+@pytest.mark.parametrize("static_decode", [False, True])
+@pytest.mark.parametrize("append_cache", [True, False])
+def test_a_step_that_fails_after_its_forward_leaves_the_batch_as_it_was(tiny_lms, monkeypatch, append_cache,
+                                                                       static_decode):
+    """Out of memory in sampling, after the forward grew the cache: the step is undone, so the worker can run
+    it again (it does, after lowering its cap) and the stories are those of a run that never failed."""
+    lm = tiny_lms["instruct"]
+    real = engine_module.sample_next
+
+    def run(fail_at: int | None) -> list[list[int]]:
+        engine = Engine(lm, 4, append_cache=append_cache, static_decode=static_decode and append_cache)
+        seqs = [Sequence(f"s{i}", [5 + i, 6, 7, 8][: 2 + i], SamplingParams(length=12 + 3 * i, temperature=1.0, seed=i))
+                for i in range(3)]
+        engine.start_many(seqs)
+        for step in range(60):
+            if not engine.rows:
+                break
+            if step == fail_at:
+                def out_of_memory(*args, **kwargs):
+                    raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+                monkeypatch.setattr(engine_module, "sample_next", out_of_memory)
+                with pytest.raises(torch.OutOfMemoryError):
+                    engine.step()
+                monkeypatch.setattr(engine_module, "sample_next", real)
+            engine.step()
+        return [seq.generated for seq in seqs]
+
+    want = run(None)
+    assert all(want)
+    for fail_at in (0, 5, 13):  # alone at first, then with padding, then after a row left
+        assert run(fail_at) == want, fail_at
+
+
+def test_rows_leave_in_place_without_new_tensors_the_size_of_the_batch(tiny_lms):
+    """A row that leaves is overwritten by the last one in the batch's own tensors and cache buffers: nothing
+    the size of the batch is made, so running out of memory cannot stop it half-way."""
+    lm = tiny_lms["instruct"]
+    engine = Engine(lm, 4)
+    engine.start_many([Sequence(f"s{i}", [5, 6, 7 + i], SamplingParams(length=20, temperature=1.0, seed=i))
+                       for i in range(4)])
+    seqs = list(engine.rows)
+    assert len(seqs) == 4
+
+    def storages():
+        tensors = [engine._mask, engine._positions, engine._next, engine._seen]
+        tensors += [t for layer in engine._cache.layers for t in (layer._k, layer._v)]
+        return [t.untyped_storage().data_ptr() for t in tensors]
+
+    before, last = storages(), (engine._seen[3].clone(), engine._next[3].item(), engine._cache.layers[0].keys[3].clone())
+    with torch.inference_mode():  # as in step() and abort()
+        engine._keep([0, 2, 3])  # row 1 leaves: row 3 takes its place
+    assert storages() == before
+    assert engine.rows == [seqs[0], seqs[3], seqs[2]]
+    assert torch.equal(engine._seen[1], last[0]) and engine._next[1].item() == last[1]
+    assert torch.equal(engine._cache.layers[0].keys[1], last[2])
