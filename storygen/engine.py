@@ -324,7 +324,10 @@ class Engine:
         padded = not bool(mask.all())
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, -S:]  # (G, S): each row counts from 0 at its first token
         last = self._forward(input_ids, positions, cache, mask if padded else None)  # (G, V)
-        self._remember_prefixes(rows, cached, cache)
+        try:
+            self._remember_prefixes(rows, cached, cache)
+        except torch.OutOfMemoryError as error:  # the prefix cache is a saving, not the story: it goes on without
+            logger.warning("the prompts' blocks were not added to the prefix cache: %s", error)
         if padded:  # padding's keys and values are never attended to; zero them so nothing odd can leak
             keep = mask.bool()[:, None, :, None]  # (G, 1, P+S, 1)
             for layer in cache.layers:

@@ -90,6 +90,7 @@ class PrefixCache:
             if block is None:
                 block = _Block(key, next(self._ids), kv[:, :, :, first - start:first - start + B].clone())
                 self._index[key] = block
+                self._lru[block.id] = block  # evictable at once, should a later block's copy run out of memory
                 self.bytes += block.kv.numel() * block.kv.element_size()
             chain.append(block)
             parent = block.id

@@ -74,6 +74,44 @@ def test_eviction_keeps_the_bound_and_takes_least_recently_used_leaves_first():
     assert cache.lookup(a)[0] == 8 and cache.lookup(b)[0] == 4 and cache.lookup(c + [0])[0] == 4
 
 
+def test_blocks_added_before_a_copy_runs_out_of_memory_can_still_be_evicted(monkeypatch):
+    from storygen import prefix_cache
+
+    real, made = prefix_cache._Block, []
+
+    def second_fails(*args):
+        if len(made) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        made.append(real(*args))
+        return made[-1]
+
+    cache = PrefixCache(BLOCK_BYTES, block_tokens=B)
+    row = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    monkeypatch.setattr(prefix_cache, "_Block", second_fails)
+    with pytest.raises(torch.OutOfMemoryError):
+        cache.insert(row, kv_for(row), 0)
+    monkeypatch.setattr(prefix_cache, "_Block", real)
+    assert len(cache) == 1 and cache.bytes == BLOCK_BYTES
+    other = [7, 7, 7, 7, 8]
+    cache.insert(other, kv_for(other), 0)  # the bound holds one block: the first one goes
+    assert len(cache) == 1 and cache.bytes == BLOCK_BYTES and cache.lookup(row)[0] == 0
+
+
+def test_a_prefill_goes_on_when_its_blocks_do_not_fit_in_the_cache(tiny_lms, monkeypatch, caplog):
+    lm = tiny_lms["instruct"]
+    prompts = [build_prompt(lm.spec, lm.tokenizer, get_genre("drama"), o) for o in OPENINGS]
+    expected, _ = _stories(lm, prompts, 0)
+
+    def out_of_memory(self, ids, kv, start):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(PrefixCache, "insert", out_of_memory)
+    with caplog.at_level(logging.WARNING, logger="storygen.engine"):
+        got, engine = _stories(lm, prompts, 1 << 20)
+    assert got == expected and len(engine.prefix_cache) == 0
+    assert "not added to the prefix cache" in caplog.text
+
+
 def test_a_chain_broken_since_the_lookup_is_not_extended():
     cache = PrefixCache(BLOCK_BYTES, block_tokens=B)
     row = [1, 2, 3, 4, 5, 6, 7, 8, 9]
