@@ -121,9 +121,9 @@ class Engine:
         self._end_ids = torch.tensor(sorted(lm.end_ids), dtype=torch.long, device=lm.device)  # (E,) for the steer
         self._stop_ids = torch.tensor(sorted(lm.stop_ids), dtype=torch.long, device=lm.device)  # (S,)
         self._steer_index: SteerPairs | None = None  # the running batch's; None: rebuild at the next step
-        # The repetition penalty by `nonzero` over the seen tokens (a CPU), or a `where` over every logit,
-        # which on a GPU saves a wait for the device each step (sampling.penalise).
-        self.sparse_penalty = lm.device.type == "cpu"
+        # How sampling.penalise applies the repetition penalty: None by the device (sparse on a CPU, dense
+        # elsewhere, which saves a GPU a wait each step); a benchmark sets False to count steps as a GPU runs them.
+        self.sparse_penalty: bool | None = None
 
     # --- admission and removal ---------------------------------------------------------------
 
@@ -466,8 +466,7 @@ class Engine:
         self._positions = torch.cat([self._positions, mask.sum(dim=1)])  # next position: each row's length
         self._next = torch.cat([self._next, tokens])
         self._seen = torch.cat([self._seen, seen])
-        self.rows.extend(seqs)
-        self._set_knobs()
+        self._set_rows(self.rows + seqs)
 
     def _keep(self, keep: list[int]) -> None:
         """Shrink the batch to the rows at `keep` (ascending), then drop padding no row needs any more.
@@ -481,7 +480,7 @@ class Engine:
             self._padded = False
             return
         order = _fill_from_the_end(keep)
-        self._set_knobs([self.rows[i] for i in order])  # before anything moves: its tensors are the one allocation
+        self._set_rows([self.rows[i] for i in order])  # before anything moves: its knobs are the one allocation
         # The rest is done in place, making no tensor the size of the batch: out of memory half-way through
         # would leave the step's rows half-moved, and their tokens unsaid.
         B = len(order)
@@ -499,9 +498,8 @@ class Engine:
             keep_rows(layer, order, first)
         self._padded = not all(every[first:])
 
-    def _set_knobs(self, rows: list[Sequence] | None = None) -> None:
-        """The batch's rows are `rows` (default: as they are): their settings as tensors for sampling."""
-        rows = self.rows if rows is None else rows
+    def _set_rows(self, rows: list[Sequence]) -> None:
+        """The batch's rows are now `rows`, in cache order: their settings as tensors for sampling."""
         knobs = RowKnobs.from_params([s.params for s in rows], self.lm.vocab_size, self.lm.device)
         self.rows, self._knobs, self._steer_index = rows, knobs, None  # the steer's pairs: rebuilt at the next step
         self._penalise = any(s.params.repetition_penalty != 1 for s in rows)

@@ -215,8 +215,9 @@ def sample_next(
     end_ids: (E,) long, the end-of-story tokens, each once; end_bias: (B,) float, added to their
     logits (see ending_bias), or None. inplace: fp32 `logits` may be changed (the caller is done
     with them), which saves a copy. sampler: our C kernel for steps 1-3 on a CPU (kernels.Sampler),
-    or None. sparse_penalty: how `penalise` goes about it; None: sparse on a CPU, dense elsewhere. Returns (B,) token ids. The order of the steps is the order `generate` uses, with the
-    ending steer after the penalty.
+    or None. sparse_penalty: how `penalise` goes about it; None: sparse on a CPU, dense elsewhere.
+    Returns (B,) token ids. The order of the steps is the order `generate` uses, with the ending
+    steer after the penalty.
 
     Each step touches only what it changes: a row has a few hundred seen tokens of a vocabulary of
     tens of thousands, and temperature is applied to the top-k candidates rather than to the whole
